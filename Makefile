@@ -1,0 +1,32 @@
+# The two commands of the README. Both set up .venv from requirements.lock first; the
+# stamp is keyed on the lock's hash, so a second call installs nothing.
+PY      ?= python3
+VENV    := .venv
+LOCK    := requirements.lock
+STAMP   := $(VENV)/.stamp-$(shell sha256sum $(LOCK) | cut -c1-16)
+BIN     := $(VENV)/bin
+
+.PHONY: run test setup bench lint
+
+setup: $(STAMP)
+
+$(STAMP): $(LOCK) pyproject.toml
+	@echo "setting up $(VENV) from $(LOCK) (first run only)"
+	rm -rf $(VENV)
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -r $(LOCK)
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+run: setup
+	$(BIN)/genrec quickstart
+
+test: setup
+	$(BIN)/ruff check genrec tests benchmarks
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+lint: setup
+	$(BIN)/ruff check genrec tests benchmarks
+
+bench: setup
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -1,0 +1,3 @@
+"""genrec: generative recommenders (HSTU) on TorchRec, streamed by Ray."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,341 @@
+"""Typed experiment config: a dataclass tree loaded from YAML, overridable by dotted args.
+
+    cfg = load_config("configs/quickstart.yaml", ["trainer.batch_size=64"])
+
+Unknown keys and values of the wrong type fail with a `ConfigError` that names the dotted
+key and the expected type. The tree is plain data: nothing here imports torch or ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class DataConfig:
+    """Where events come from and how they become sequence shards and batches."""
+
+    source: Literal["tecd", "vk_lsvd", "yambda", "text", "recbole"] = "tecd"
+    raw_dir: str = "data/raw"  # the source's own layout (genrec generate writes here)
+    prepared_dir: str = "data/prepared"  # sequence shards, window=NNNNN/part-*.parquet
+    window: str = "day"  # day | week | a number of seconds
+    max_len: int = 50  # history events kept before each window's targets
+    on_bad_rows: Literal["error", "skip"] = "error"
+    # streaming
+    reader: Literal["local", "ray"] = "local"  # plain pyarrow reader or Ray Data
+    windows: list[int] = field(default_factory=list)  # empty: every prepared window
+    shuffle_buffer: int = 0  # rows shuffled inside a window (0: file order)
+    prefetch_batches: int = 2
+    object_store_mb: int = 256
+    num_cpus: int = 0  # Ray logical CPUs (0: this machine's count)
+    ray_address: str = ""  # empty: start a local Ray bound to 127.0.0.1
+    seed: int = 0
+    # synthetic generation (genrec generate / quickstart)
+    synthetic_users: int = 2000
+    synthetic_events: int = 200_000
+    synthetic_items: int = 5000
+
+
+@dataclass
+class TableConfig:
+    """One embedding table; several features may share it (unified embeddings)."""
+
+    name: str = "item"
+    num_embeddings: int = 100_000
+    dim: int = 64
+    features: list[str] = field(default_factory=lambda: ["item_id"])
+    kind: Literal["hashed", "managed_collision"] = "hashed"
+    num_hashes: int = 1  # k seeded hash functions, rows summed (k=1: hashing trick)
+
+
+@dataclass
+class FrequencyConfig:
+    """Count-min sketch of item frequencies (logQ correction, popularity negatives)."""
+
+    depth: int = 4
+    width: int = 1 << 18
+    conservative: bool = True
+    decay: float = 1.0  # multiply counters by this per window (1.0: no decay)
+
+
+@dataclass
+class EmbeddingsConfig:
+    tables: list[TableConfig] = field(default_factory=lambda: [TableConfig()])
+    hash_version: int = 1
+    frequency: FrequencyConfig = field(default_factory=FrequencyConfig)
+
+
+@dataclass
+class RetrievalConfig:
+    num_negatives: int = 256
+    # fractions of the negatives drawn from each source (in-batch come free on top)
+    in_batch: bool = True
+    uniform_fraction: float = 0.5
+    popularity_fraction: float = 0.5
+    logq_correction: bool = True
+    temperature: float = 0.05
+    full_softmax: bool = False  # exact softmax over the catalog (small catalogs only)
+    top_k_block: int = 65536  # catalog rows scored per block in top-K
+    exclude_history: bool = True
+
+
+@dataclass
+class RankingConfig:
+    tasks: list[str] = field(default_factory=lambda: ["click", "cart", "order"])
+    task_weights: list[float] = field(default_factory=list)  # empty: all 1.0
+    regression_tasks: list[str] = field(default_factory=list)  # MSE instead of BCE
+
+
+@dataclass
+class ModelConfig:
+    kind: Literal["hstu", "sasrec"] = "hstu"
+    task: Literal["retrieval", "ranking"] = "retrieval"
+    dim: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    attn_dim: int = 32  # per-head query/key dim
+    linear_dim: int = 32  # per-head value/gate dim
+    dropout: float = 0.2
+    attn_dropout: float = 0.0
+    max_len: int = 50  # longest sequence the encoder sees (history + targets)
+    rab_position: bool = True
+    rab_time: bool = True
+    num_time_buckets: int = 64
+    attn_norm: Literal["length", "constant"] = "length"  # n in A = SiLU(QK^T + rab) / n
+    token_mode: Literal["sum", "interleave"] = "sum"  # item+action tokens
+    num_actions: int = 8
+    user_feature_tokens: list[str] = field(default_factory=list)  # contextual tokens
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    ranking: RankingConfig = field(default_factory=RankingConfig)
+
+
+@dataclass
+class TopologyConfig:
+    world_size: int = 2
+    device: Literal["cpu", "cuda"] = "cpu"
+    hosts: int = 1
+    hbm_gb: float = 4.0  # memory per device the planner may use
+    ddr_gb: float = 16.0  # host memory per host (UVM / UVM-caching)
+
+
+@dataclass
+class ShardingConfig:
+    strategy: Literal[
+        "auto", "table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel"
+    ] = "row_wise"
+    overrides: dict[str, str] = field(default_factory=dict)  # table -> strategy
+    compute_kernel: str = "fused"  # fused | fused_uvm | fused_uvm_caching | dense
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    plan_file: str = ""  # load this saved plan instead of planning
+
+
+@dataclass
+class TrainerConfig:
+    mode: Literal["stream", "epochs"] = "stream"
+    launcher: Literal["local", "torchrun", "ray"] = "local"
+    world_size: int = 2
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    batch_size: int = 128  # sequences per rank per step
+    lr: float = 1e-3  # dense AdamW
+    weight_decay: float = 0.0
+    sparse_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd", "adam"] = "rowwise_adagrad"
+    sparse_lr: float = 0.05
+    grad_clip: float = 1.0
+    bf16: bool = True  # autocast on GPU only
+    seed: int = 0
+    run_dir: str = "runs/default"
+    eval_batches: int = 0  # progressive eval batches per window (0: the whole window)
+    epochs: int = 1
+    patience: int = 3
+    checkpoint_every: int = 0  # steps (0: only at window ends)
+    keep_last: int = 2
+    max_steps: int = 0  # stop after this many steps (0: until the stream ends)
+    log_every: int = 10
+    ray_workers_cpus: float = 0.5  # CPUs each Ray Train worker reserves
+    max_failures: int = 1
+
+
+@dataclass
+class DeployConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_history: int = 512
+    max_k: int = 1000
+    max_body_bytes: int = 1 << 20
+    exact_search_below: int = 200_000  # items; above it an ANN index is built
+    index: Literal["hnsw", "ivf"] = "hnsw"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
+
+    def table(self, name: str) -> TableConfig:
+        for t in self.embeddings.tables:
+            if t.name == name:
+                return t
+        raise ConfigError(f"embeddings.tables has no table named {name!r}")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against annotation `tp`, converting what YAML/CLI gives us."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
+        return _build(tp, value, key)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{key}: expected one of {list(get_args(tp))}, got {value!r}")
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arg in get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (item_tp,) = get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        k_tp, v_tp = get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {_coerce(k, k_tp, key): _coerce(v, v_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}: expected null, got {value!r}")
+        return None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected bool (true/false), got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected int, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected float, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected str, got {value!r}")
+    raise ConfigError(f"{key}: unsupported annotation {tp!r}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(
+                f"unknown config key {key!r}; {cls.__name__} has: {', '.join(sorted(names))}"
+            )
+        kwargs[k] = _coerce(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    return _build(Config, data or {})
+
+
+def _parse_scalar(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` strings (values parsed as YAML) onto a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        node: Any = data
+        cls: Any = Config
+        for i, part in enumerate(parts):
+            key = ".".join(parts[: i + 1])
+            hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+            if dataclasses.is_dataclass(cls) and part not in hints:
+                raise ConfigError(
+                    f"unknown config key {key!r}; {cls.__name__} has: "
+                    f"{', '.join(sorted(hints))}"
+                )
+            if i == len(parts) - 1:
+                node[part] = _parse_scalar(raw)
+            else:
+                cls = hints.get(part)
+                if not dataclasses.is_dataclass(cls) and get_origin(cls) is not dict:
+                    raise ConfigError(f"config key {key!r} is not a section")
+                node = node.setdefault(part, {})
+                if get_origin(cls) is dict:
+                    node[parts[i + 1]] = _parse_scalar(raw) if i + 2 == len(parts) else {}
+                    if i + 2 != len(parts):
+                        raise ConfigError(f"config key {dotted!r} nests too deep")
+                    break
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    data = apply_overrides(data, list(overrides or []))
+    try:
+        return from_dict(data)
+    except ConfigError as e:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{e}") from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
