@@ -156,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("prepare", help="Ray job: events -> per-user sequence shards by window")
-    p.add_argument("--source", required=True, choices=["tecd", "vk_lsvd", "yambda", "text", "recbole"])
+    p.add_argument(
+        "--source", required=True, choices=["tecd", "vk_lsvd", "yambda", "text", "recbole"]
+    )
     p.add_argument("--in", dest="in_dir", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--window", default="day", help="day | week | a number of seconds")

@@ -299,8 +299,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
             if dataclasses.is_dataclass(cls) and part not in hints:
                 raise ConfigError(
-                    f"unknown config key {key!r}; {cls.__name__} has: "
-                    f"{', '.join(sorted(hints))}"
+                    f"unknown config key {key!r}; {cls.__name__} has: {', '.join(sorted(hints))}"
                 )
             if i == len(parts) - 1:
                 node[part] = _parse_scalar(raw)

@@ -11,7 +11,9 @@ QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 
 
 def test_overrides_apply_with_types():
-    cfg = load_config(QUICKSTART, ["trainer.batch_size=64", "model.dropout=0.5", "data.window=week"])
+    cfg = load_config(
+        QUICKSTART, ["trainer.batch_size=64", "model.dropout=0.5", "data.window=week"]
+    )
     assert cfg.trainer.batch_size == 64
     assert cfg.model.dropout == 0.5
     assert cfg.data.window == "week"

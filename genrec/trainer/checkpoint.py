@@ -1,0 +1,107 @@
+"""Sharded checkpoints that resume mid-stream and reshard across world sizes.
+
+A checkpoint is a directory `RUN/checkpoints/step-NNNNNNNN/` holding
+- the `torch.distributed.checkpoint` (DCP) files of the model and optimizer state: sharded
+  tables are written by their owners and can be read back by any world size (2 -> 1, 1 -> 2);
+- `state.json`: step, stream position, world size, config, the trainer's counters;
+- `tensors-rank-R.safetensors`: each rank's small dense state (the count-min sketch, the
+  popularity sampler's ring, the baseline's counts) — no pickles anywhere. Resumed at another
+  world size, rank r reads the file of rank r mod (old world size).
+
+Writes are atomic: everything goes to `.tmp-step-N` beside the last good checkpoint and is
+renamed into place only after every rank finished; the last `keep_last` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+
+from genrec.trainer.distributed import barrier
+
+PREFIX = "step-"
+STATE_FILE = "state.json"
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / STATE_FILE).is_file()]
+    return sorted(done, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    app_state: dict[str, Any],
+    state: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    keep_last: int = 2,
+) -> Path:
+    """Collective: every rank calls it. `app_state` holds model/optimizer state dicts."""
+    root = checkpoint_root(run_dir)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".tmp-{PREFIX}{step:08d}"
+    if _is_main():
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    barrier()
+    dcp.save(app_state, checkpoint_id=str(tmp))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+        tmp / tensors_file(rank),
+    )
+    barrier()
+    if _is_main():
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)  # atomic on one file system: readers see all or nothing
+        for old in list_checkpoints(run_dir)[: -max(1, keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def read_state(path: str | Path) -> dict[str, Any]:
+    p = Path(path) / STATE_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"{path} is not a genrec checkpoint (no {STATE_FILE})")
+    return json.loads(p.read_text())
+
+
+def tensors_file(rank: int) -> str:
+    return f"tensors-rank-{rank}.safetensors"
+
+
+def read_tensors(path: str | Path, rank: int, saved_world_size: int) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(path) / tensors_file(rank % max(1, saved_world_size))))
+
+
+def load_sharded(path: str | Path, app_state: dict[str, Any]) -> None:
+    """Fill `app_state` in place from a checkpoint written at any world size."""
+    dcp.load(app_state, checkpoint_id=str(path))

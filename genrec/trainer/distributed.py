@@ -1,0 +1,108 @@
+"""Process groups and devices: gloo on CPU, NCCL on CUDA; the same code for every launcher."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pick_backend(requested: str, device_type: str) -> str:
+    if requested != "auto":
+        return requested
+    return "nccl" if device_type == "cuda" and torch.cuda.is_available() else "gloo"
+
+
+def pick_device(device_type: str, local_rank: int) -> torch.device:
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                "sharding.topology.device=cuda but no CUDA device is visible; "
+                "set sharding.topology.device=cpu to train on CPU"
+            )
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(
+    rank: int,
+    world_size: int,
+    device_type: str,
+    backend: str = "auto",
+    local_rank: int | None = None,
+    local_world_size: int | None = None,
+    master_addr: str | None = None,
+    master_port: int | None = None,
+    timeout_s: int = 600,
+) -> DistContext:
+    """Join (or create) the default process group; env vars win where a launcher set them."""
+    local_rank = rank if local_rank is None else local_rank
+    local_world_size = world_size if local_world_size is None else local_world_size
+    os.environ.setdefault("MASTER_ADDR", master_addr or "127.0.0.1")
+    if master_port is not None:
+        os.environ["MASTER_PORT"] = str(master_port)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo") if os.environ["MASTER_ADDR"] in (
+        "127.0.0.1",
+        "localhost",
+    ) else None
+    backend = pick_backend(backend, device_type)
+    device = pick_device(device_type, local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    return DistContext(rank, world_size, local_rank, local_world_size, device, backend)
+
+
+def context_from_initialized(device_type: str) -> DistContext:
+    """For launchers that already created the process group (Ray Train, torchrun)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    return DistContext(
+        rank,
+        world,
+        local_rank,
+        local_world,
+        pick_device(device_type, local_rank),
+        dist.get_backend(),
+    )
+
+
+def all_reduce_(t: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=op)
+    return t
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

@@ -1,0 +1,62 @@
+"""Negative sampling for the sampled softmax, with the log-probabilities logQ needs.
+
+Negatives mix two sources: uniform over the item catalog, and popularity-proportional
+(uniform draws from a ring of recently seen item occurrences). A candidate drawn from this
+mixture has probability q(i) = f_u / |C| + f_p * p(i), where p(i) is the item's share of the
+stream estimated by the count-min sketch; the model subtracts log q(i) from its logit.
+
+All randomness is a function of (seed, step, rank): a resumed run draws exactly the
+negatives an uninterrupted one would, with no generator state to checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from genrec.config import RetrievalConfig
+from genrec.embeddings.frequency import CountMinSketch, PopularitySampler
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + step * 10_007 + rank) % (2**63 - 1))
+    return g
+
+
+class NegativeSampler:
+    def __init__(
+        self,
+        cfg: RetrievalConfig,
+        catalog: torch.Tensor,
+        sketch: CountMinSketch,
+        popular: PopularitySampler,
+    ) -> None:
+        total = cfg.uniform_fraction + cfg.popularity_fraction
+        if total <= 0:
+            raise ValueError("model.retrieval.uniform_fraction + popularity_fraction must be > 0")
+        self.f_uniform = cfg.uniform_fraction / total
+        self.f_pop = cfg.popularity_fraction / total
+        self.num = cfg.num_negatives
+        self.catalog = catalog
+        self.sketch = sketch
+        self.popular = popular
+
+    def log_q(self, ids: torch.Tensor) -> torch.Tensor:
+        """log of the mixture probability of drawing each id."""
+        q = torch.full(
+            ids.shape, self.f_uniform / max(1, self.catalog.numel()), dtype=torch.float64
+        )
+        if self.f_pop > 0 and self.sketch.total > 0:
+            q = q + self.f_pop * self.sketch.estimate(ids).double() / float(self.sketch.total)
+        return q.clamp_min(1e-30).log().float()
+
+    def sample(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        n_pop = int(round(self.num * self.f_pop)) if len(self.popular) > 0 else 0
+        n_uni = self.num - n_pop
+        parts = []
+        if n_uni > 0:
+            parts.append(self.catalog[torch.randint(self.catalog.numel(), (n_uni,), generator=g)])
+        if n_pop > 0:
+            parts.append(self.popular.sample(n_pop, generator=g))
+        ids = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+        return ids, self.log_q(ids)
