@@ -76,6 +76,15 @@ def events_schema(context: list[str] | tuple[str, ...] = ()) -> pa.Schema:
 
 
 def sequences_schema(context: list[str] | tuple[str, ...] = ()) -> pa.Schema:
-    return pa.schema(
-        list(SEQUENCES) + [pa.field(c, pa.list_(CONTEXT_FIELDS[c])) for c in context]
-    )
+    return pa.schema(list(SEQUENCES) + [pa.field(c, pa.list_(CONTEXT_FIELDS[c])) for c in context])
+
+
+# The item catalog of a prepared directory: every distinct item id with its event count
+# (the trainer samples negatives from it, export builds the item index from it).
+ITEMS_FILE = "items.parquet"
+ITEMS = pa.schema(
+    [
+        pa.field("item_id", pa.int64(), nullable=False),
+        pa.field("count", pa.int64(), nullable=False),
+    ]
+)

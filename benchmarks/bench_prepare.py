@@ -1,0 +1,147 @@
+"""`prepare` at scale: generate N synthetic events, run the Ray job, report time and memory.
+
+    python benchmarks/bench_prepare.py --events 10000000          # the 2-core figure
+    python benchmarks/bench_prepare.py --events 200000 --in DIR   # reuse generated data
+
+Peak RSS is reported for the driver (getrusage) and for the whole process tree (the driver
+plus the Ray processes it started), sampled from /proc every 0.2 s. Everything is written
+into a temporary directory that is removed afterwards; prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import threading
+import time
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        tree.setdefault(ppid, []).append(int(pid))
+    return tree
+
+
+def _tree_rss_mb(root: int) -> float:
+    tree, total, todo = _children(), 0, [root]
+    while todo:
+        pid = todo.pop()
+        todo += tree.get(pid, [])
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+class PeakSampler(threading.Thread):
+    """Polls the RSS of this process tree until stopped; keeps the maximum."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        super().__init__(daemon=True)
+        self.interval, self.peak, self._stop_event = interval, 0.0, threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.peak = max(self.peak, _tree_rss_mb(os.getpid()))
+            self._stop_event.wait(self.interval)
+
+    def stop(self) -> float:
+        self._stop_event.set()
+        self.join()
+        return self.peak
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--source", default="tecd", choices=["tecd", "vk_lsvd", "yambda"])
+    p.add_argument("--events", type=int, default=10_000_000)
+    p.add_argument("--users", type=int, default=0, help="0: events // 100")
+    p.add_argument("--items", type=int, default=0, help="0: events // 50")
+    p.add_argument("--in", dest="in_dir", default="", help="prepare existing raw data")
+    p.add_argument("--window", default="day")
+    p.add_argument("--max-len", type=int, default=50)
+    p.add_argument("--num-cpus", type=int, default=0, help="Ray CPUs (0: this machine's)")
+    args = p.parse_args()
+
+    from genrec.data_pipeline.sequences import prepare
+    from genrec.data_pipeline.synthetic import generate
+    from genrec.ray_runtime import ray_session
+
+    work = tempfile.mkdtemp(prefix="genrec-bench-prepare-")
+    sampler = PeakSampler()
+    try:
+        raw = args.in_dir
+        gen_s = 0.0
+        if not raw:
+            raw = os.path.join(work, "raw")
+            g = generate(
+                args.source,
+                raw,
+                users=args.users or max(100, args.events // 100),
+                events=args.events,
+                items=args.items or max(100, args.events // 50),
+                seed=0,
+            )
+            gen_s = g.seconds
+            print(g.summary(), file=sys.stderr)
+        sampler.start()
+        t0 = time.perf_counter()
+        with ray_session(num_cpus=args.num_cpus):
+            t_ray = time.perf_counter()
+            report = prepare(
+                args.source,
+                raw,
+                os.path.join(work, "prepared"),
+                window=args.window,
+                max_len=args.max_len,
+            )
+        seconds = time.perf_counter() - t_ray
+        total = time.perf_counter() - t0
+        peak_tree = sampler.stop()
+        print(report.summary(), file=sys.stderr)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(
+        json.dumps(
+            {
+                "bench": "prepare",
+                "source": args.source,
+                "events": report.events,
+                "rows": report.rows,
+                "windows": len(report.windows),
+                "users": report.users,
+                "items": report.items,
+                "buckets": report.buckets,
+                "cpus": args.num_cpus or os.cpu_count(),
+                "generate_seconds": round(gen_s, 2),
+                "seconds": round(seconds, 2),
+                "seconds_with_ray_start": round(total, 2),
+                "events_per_s": round(report.events / seconds),
+                "peak_rss_driver_mb": round(
+                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
+                ),
+                "peak_rss_tree_mb": round(peak_tree, 1),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
