@@ -115,7 +115,8 @@ class ModelConfig:
     rab_position: bool = True
     rab_time: bool = True
     num_time_buckets: int = 64
-    attn_norm: Literal["length", "constant"] = "length"  # n in A = SiLU(QK^T + rab) / n
+    # n in A = SiLU(QK^T + rab) / n; "constant" (= max tokens) keeps states strictly causal
+    attn_norm: Literal["length", "constant"] = "constant"
     token_mode: Literal["sum", "interleave"] = "sum"  # item+action tokens
     num_actions: int = 8
     user_feature_tokens: list[str] = field(default_factory=list)  # contextual tokens

@@ -1,0 +1,215 @@
+"""The jagged HSTU attention op: one signature, a PyTorch reference, a Triton fast path.
+
+    out = hstu_attention(q, k, v, offsets, max_seq_len, timestamps=..., pos_bias=...,
+                         time_bias=..., num_targets=..., norm="length")
+
+Inputs are jagged: sequence b owns rows offsets[b]:offsets[b+1] of q/k/v ([T, H, D]).
+For a sequence of n tokens, a_ij = SiLU(<q_i, k_j> + rab_pos + rab_time) / N if allowed(i, j)
+else 0, and out_i = sum_j a_ij v_j (no softmax, no 1/sqrt(d)). See notes/attention_spec.md.
+
+The reference never pads the batch to max_seq_len: sequences are grouped by similar length
+(buckets at 2^k and 1.5 * 2^k), each group is padded only to its own longest sequence and
+split so that one group's score tensor stays under `_GROUP_SCORE_ELEMS`. Memory is then
+O(sum_b n_b^2) instead of O(B * max_seq_len^2). `hstu_attention_padded` is the same math on
+an already padded [B, L, ...] batch (used by export, where shapes must be static).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+_GROUP_SCORE_ELEMS = 1 << 23  # max G * H * L * L scores materialized at once per group chunk
+
+
+def time_bucket(dt: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    """int64 bucket of a time gap in seconds: clamp(floor(2 * log2(1 + |dt|)), 0, num_buckets-1).
+
+    Log buckets: gaps of seconds and of months both get resolution. Computed in float64
+    so bucket edges (1 + |dt| = 2^(k/2)) are exact for any realistic int64 gap.
+    """
+    x = torch.log2(1.0 + dt.abs().to(torch.float64))
+    return torch.floor(2.0 * x).clamp(0, num_buckets - 1).to(torch.int64)
+
+
+def _allowed_and_positions(
+    lengths: torch.Tensor, L: int, num_targets: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """([G, L, L] bool mask of allowed (i, j) incl. padding, [G, L] int64 position index)."""
+    ar = torch.arange(L, device=lengths.device)
+    i, j = ar[:, None], ar[None, :]
+    valid = ar[None, :] < lengths[:, None]  # [G, L]
+    causal = (j <= i)[None]
+    if num_targets is None:
+        allowed = causal
+        pos = ar[None, :].expand(lengths.numel(), L)
+    else:
+        h = (lengths - num_targets)[:, None, None]  # history tokens per sequence
+        allowed = (causal & (j[None] < h)) | (i == j)[None]
+        pos = torch.minimum(ar[None, :], h[:, :, 0])  # candidates share position h
+    allowed = allowed & valid[:, :, None] & valid[:, None, :]
+    return allowed, pos
+
+
+def hstu_attention_padded(
+    q: torch.Tensor,  # [G, L, H, Dqk]
+    k: torch.Tensor,
+    v: torch.Tensor,  # [G, L, H, Dv]
+    lengths: torch.Tensor,  # int64 [G], valid rows of each padded sequence
+    *,
+    timestamps: torch.Tensor | None = None,  # int64 [G, L]
+    pos_bias: torch.Tensor | None = None,
+    time_bias: torch.Tensor | None = None,
+    num_targets: torch.Tensor | None = None,
+    norm: str | float = "length",
+) -> torch.Tensor:
+    """The op on a padded batch; rows at or past lengths[g] come out zero.
+
+    No data-dependent Python control flow, so torch.export can trace it.
+    """
+    L = q.shape[1]
+    allowed, pos = _allowed_and_positions(lengths, L, num_targets)
+    s = torch.einsum("gihd,gjhd->ghij", q, k)
+    bias = None
+    if pos_bias is not None:
+        r = (pos[:, :, None] - pos[:, None, :]).clamp(0, pos_bias.numel() - 1)
+        bias = pos_bias[r]
+    if time_bias is not None:
+        if timestamps is None:
+            raise ValueError("hstu_attention: time_bias needs timestamps")
+        dt = timestamps[:, :, None] - timestamps[:, None, :]
+        tb = time_bias[time_bucket(dt, time_bias.numel())]
+        bias = tb if bias is None else bias + tb
+    if bias is not None:
+        s = s + bias[:, None].to(s.dtype)
+    if norm == "length":
+        denom = lengths.clamp_min(1).to(s.dtype)[:, None, None, None]
+    elif isinstance(norm, (int, float)) and not isinstance(norm, bool):
+        denom = float(norm)
+    else:
+        raise ValueError(f"hstu_attention: norm must be 'length' or a number, got {norm!r}")
+    a = F.silu(s) * allowed[:, None].to(s.dtype) / denom
+    return torch.einsum("ghij,gjhd->gihd", a, v)
+
+
+def _length_groups(lengths: list[int], num_heads: int) -> list[tuple[list[int], int]]:
+    """Sequence indices grouped by length bucket, chunked to bound each group's scores."""
+    by_bucket: dict[int, list[int]] = {}
+    for b, n in enumerate(lengths):
+        if n == 0:
+            continue
+        top = 1 << max(0, (n - 1).bit_length())  # next power of two >= n
+        bucket = top * 3 // 4 if n <= top * 3 // 4 and top >= 8 else top
+        by_bucket.setdefault(bucket, []).append(b)
+    groups = []
+    for bucket in sorted(by_bucket):
+        members = by_bucket[bucket]
+        L = max(lengths[b] for b in members)
+        per_chunk = max(1, _GROUP_SCORE_ELEMS // (num_heads * L * L))
+        for s in range(0, len(members), per_chunk):
+            chunk = members[s : s + per_chunk]
+            groups.append((chunk, max(lengths[b] for b in chunk)))
+    return groups
+
+
+def hstu_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    offsets: torch.Tensor,
+    max_seq_len: int,
+    *,
+    timestamps: torch.Tensor | None = None,
+    pos_bias: torch.Tensor | None = None,
+    time_bias: torch.Tensor | None = None,
+    num_targets: torch.Tensor | None = None,
+    norm: str | float = "length",
+) -> torch.Tensor:
+    """PyTorch reference of the jagged op (length-grouped, see the module docstring)."""
+    T, H, _ = q.shape
+    lengths_t = offsets[1:] - offsets[:-1]
+    lengths = lengths_t.tolist()
+    if lengths and max(lengths) > max_seq_len:
+        raise ValueError(
+            f"hstu_attention: a sequence has {max(lengths)} tokens > max_seq_len={max_seq_len}"
+        )
+    if num_targets is not None and bool((num_targets > lengths_t).any()):
+        raise ValueError("hstu_attention: num_targets[b] exceeds the length of sequence b")
+    rows_out: list[torch.Tensor] = []
+    vals_out: list[torch.Tensor] = []
+    for members, L in _length_groups(lengths, H):
+        idx_b = torch.tensor(members, dtype=torch.int64, device=q.device)
+        lens = lengths_t[idx_b]
+        ar = torch.arange(L, device=q.device)
+        valid = ar[None, :] < lens[:, None]
+        # padded slots read the sequence's first row; they are masked out of every sum
+        rows = offsets[idx_b][:, None] + torch.where(valid, ar[None, :], 0)
+        out = hstu_attention_padded(
+            q[rows],
+            k[rows],
+            v[rows],
+            lens,
+            timestamps=timestamps[rows] if timestamps is not None else None,
+            pos_bias=pos_bias,
+            time_bias=time_bias,
+            num_targets=num_targets[idx_b] if num_targets is not None else None,
+            norm=norm,
+        )
+        rows_out.append(rows[valid])
+        vals_out.append(out[valid])
+    if not rows_out:
+        return v.new_zeros(T, H, v.shape[-1]) + 0.0 * v.sum()
+    all_rows = torch.cat(rows_out)
+    inverse = torch.empty_like(all_rows)
+    inverse[all_rows] = torch.arange(all_rows.numel(), device=q.device)
+    return torch.cat(vals_out)[inverse]
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_op():
+    try:
+        from genrec.models.attention_triton import triton_hstu_attention
+    except Exception:  # no triton or no kernel module: the reference serves
+        return None
+    return triton_hstu_attention
+
+
+def hstu_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    offsets: torch.Tensor,
+    max_seq_len: int,
+    *,
+    timestamps: torch.Tensor | None = None,
+    pos_bias: torch.Tensor | None = None,
+    time_bias: torch.Tensor | None = None,
+    num_targets: torch.Tensor | None = None,
+    norm: str | float = "length",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Jagged causal (or target-aware) HSTU attention; [T, H, Dv]. Backend dispatch here."""
+    kwargs = dict(
+        timestamps=timestamps,
+        pos_bias=pos_bias,
+        time_bias=time_bias,
+        num_targets=num_targets,
+        norm=norm,
+    )
+    if time_bias is not None and timestamps is None:
+        raise ValueError("hstu_attention: time_bias needs timestamps")
+    if backend == "auto":
+        backend = "triton" if q.is_cuda and _triton_op() is not None else "reference"
+    if backend == "reference":
+        return hstu_attention_reference(q, k, v, offsets, max_seq_len, **kwargs)
+    if backend == "triton":
+        op = _triton_op()
+        if op is None:
+            raise RuntimeError(
+                "hstu_attention(backend='triton'): genrec.models.attention_triton does not "
+                "import (needs triton and a CUDA device); use backend='reference'"
+            )
+        return op(q, k, v, offsets, max_seq_len, **kwargs)
+    raise ValueError(f"hstu_attention: backend must be auto|reference|triton, got {backend!r}")

@@ -1,0 +1,27 @@
+"""`build_model(cfg)`: the one place that maps model.kind x model.task onto a class."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from genrec.config import Config
+from genrec.models.ranking import HSTURanking
+from genrec.models.retrieval import HSTURetrieval
+from genrec.models.sasrec import SASRecRanking, SASRecRetrieval
+
+MODELS: dict[tuple[str, str], type[nn.Module]] = {
+    ("hstu", "retrieval"): HSTURetrieval,
+    ("hstu", "ranking"): HSTURanking,
+    ("sasrec", "retrieval"): SASRecRetrieval,
+    ("sasrec", "ranking"): SASRecRanking,
+}
+
+
+def build_model(cfg: Config) -> nn.Module:
+    """A fresh, unsharded model; its `sparse.ec` is what DMP shards."""
+    key = (cfg.model.kind, cfg.model.task)
+    if key not in MODELS:
+        raise ValueError(
+            f"no model for model.kind={key[0]!r} and model.task={key[1]!r}; known: {sorted(MODELS)}"
+        )
+    return MODELS[key](cfg)

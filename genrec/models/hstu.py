@@ -1,0 +1,147 @@
+"""HSTU layers (Zhai et al., 2024) over jagged token tensors, and the encoder stack.
+
+One layer, for tokens x [T, D] of B jagged sequences:
+
+    U, V, Q, K = split(SiLU(LN(x) W1))                 per head: Dv, Dv, Dqk, Dqk
+    A V        = hstu_attention(Q, K, V, rab^p, rab^t)  SiLU(QK^T + rab) / n, causal
+    Y          = W2 dropout(LN(A V) * U) + x
+
+rab^p is a learned scalar per relative position (clamped at the encoder's token capacity)
+and rab^t one per log-bucketed time gap (`time_bucket`); both are per layer and shared
+across heads. `attn_dropout` drops elements of A V (the fused op has no per-weight dropout).
+
+The same layers run on padded [B, L, D] batches (`forward_padded`), which is what export
+traces; the jagged path is what training uses.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genrec.config import ModelConfig
+from genrec.models.attention import hstu_attention, hstu_attention_padded
+
+
+def max_tokens(cfg: ModelConfig) -> int:
+    """Longest token sequence the encoder sees: events (x2 when interleaved) + context."""
+    per_event = 2 if cfg.token_mode == "interleave" else 1
+    return cfg.max_len * per_event + len(cfg.user_feature_tokens)
+
+
+def attention_norm(cfg: ModelConfig) -> str | float:
+    """n of the op. "length" divides by the row's full token count, so a state also depends
+    on how many events FOLLOW it in the batch row (train/serve skew: at serving the row ends
+    at the state). "constant" divides by the encoder capacity and is strictly causal."""
+    return "length" if cfg.attn_norm == "length" else float(max_tokens(cfg))
+
+
+class HSTULayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d, h = cfg.dim, cfg.num_heads
+        self.num_heads, self.dqk, self.dv = h, cfg.attn_dim, cfg.linear_dim
+        self.norm_in = nn.LayerNorm(d)
+        self.w1 = nn.Linear(d, h * (2 * cfg.linear_dim + 2 * cfg.attn_dim))
+        self.norm_attn = nn.LayerNorm(h * cfg.linear_dim)
+        self.w2 = nn.Linear(h * cfg.linear_dim, d)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.attn_dropout = nn.Dropout(cfg.attn_dropout)
+        self.pos_bias = nn.Parameter(torch.zeros(max_tokens(cfg))) if cfg.rab_position else None
+        self.time_bias = nn.Parameter(torch.zeros(cfg.num_time_buckets)) if cfg.rab_time else None
+        self.norm = attention_norm(cfg)
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        lead = x.shape[:-1]
+        uvqk = F.silu(self.w1(self.norm_in(x)))
+        hv, hq = self.num_heads * self.dv, self.num_heads * self.dqk
+        u, v, q, k = torch.split(uvqk, [hv, hv, hq, hq], dim=-1)
+        v = v.reshape(*lead, self.num_heads, self.dv)
+        q = q.reshape(*lead, self.num_heads, self.dqk)
+        k = k.reshape(*lead, self.num_heads, self.dqk)
+        return u, v, q, k
+
+    def _output(self, x: torch.Tensor, u: torch.Tensor, av: torch.Tensor) -> torch.Tensor:
+        av = self.attn_dropout(av.reshape(*x.shape[:-1], -1))
+        return x + self.w2(self.dropout(self.norm_attn(av) * u))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        offsets: torch.Tensor,
+        max_seq_len: int,
+        timestamps: torch.Tensor | None,
+        num_targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        u, v, q, k = self._project(x)
+        av = hstu_attention(
+            q,
+            k,
+            v,
+            offsets,
+            max_seq_len,
+            timestamps=timestamps if self.time_bias is not None else None,
+            pos_bias=self.pos_bias,
+            time_bias=self.time_bias,
+            num_targets=num_targets,
+            norm=self.norm,
+        )
+        return self._output(x, u, av)
+
+    def forward_padded(
+        self,
+        x: torch.Tensor,
+        lengths: torch.Tensor,
+        timestamps: torch.Tensor | None,
+        num_targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        u, v, q, k = self._project(x)
+        av = hstu_attention_padded(
+            q,
+            k,
+            v,
+            lengths,
+            timestamps=timestamps if self.time_bias is not None else None,
+            pos_bias=self.pos_bias,
+            time_bias=self.time_bias,
+            num_targets=num_targets,
+            norm=self.norm,
+        )
+        return self._output(x, u, av)
+
+
+class HSTUEncoder(nn.Module):
+    """A stack of HSTU layers plus a final LayerNorm; jagged in, jagged out."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        for name in ("num_layers", "num_heads", "attn_dim", "linear_dim", "dim", "max_len"):
+            if getattr(cfg, name) <= 0:
+                raise ValueError(f"model.{name} must be > 0, got {getattr(cfg, name)}")
+        self.layers = nn.ModuleList(HSTULayer(cfg) for _ in range(cfg.num_layers))
+        self.final_norm = nn.LayerNorm(cfg.dim)
+        self.capacity = max_tokens(cfg)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        offsets: torch.Tensor,
+        max_seq_len: int,
+        timestamps: torch.Tensor | None,
+        num_targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, offsets, max_seq_len, timestamps, num_targets)
+        return self.final_norm(x)
+
+    def forward_padded(
+        self,
+        x: torch.Tensor,  # [B, L, D]
+        lengths: torch.Tensor,  # [B]
+        timestamps: torch.Tensor | None,  # [B, L]
+        num_targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer.forward_padded(x, lengths, timestamps, num_targets)
+        return self.final_norm(x)

@@ -1,0 +1,155 @@
+"""Generative ranking: target-aware multi-task scoring of candidates after the history.
+
+A batch's last num_targets[b] events are sequence b's candidates. They are appended after
+the history as item tokens whose action is hidden (tokens.py), and the attention op runs in
+target-aware mode (num_targets): each candidate sees the history and itself, never another
+candidate, so one forward scores all candidates of a user independently. A small MLP on
+each candidate's output gives one logit per task (model.ranking.tasks).
+
+Labels come from the candidate's action code (data_pipeline.schemas.ACTIONS), with the
+purchase funnel implied: "click" is any of click/cart/order, "cart" is cart or order,
+"order" is order; any other action name is an exact match. A regression task (listed in
+ranking.regression_tasks, e.g. watch_time) reads its target from the batch feature of the
+same name (values cast to float) and trains with MSE; the others with BCE. Task losses are
+summed with ranking.task_weights (default all 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from genrec.config import Config, ModelConfig
+from genrec.data_pipeline.batch import ITEM_KEY, Batch
+from genrec.data_pipeline.schemas import ACTIONS
+from genrec.embeddings.tables import SparseEmbeddings
+from genrec.models.hstu import HSTUEncoder
+from genrec.models.losses import multitask_loss
+from genrec.models.retrieval import lookup_kjt
+from genrec.models.tokens import TokenBuilder
+
+FUNNEL = {
+    "click": ("click", "cart", "order"),
+    "cart": ("cart", "order"),
+    "order": ("order",),
+}
+
+
+@dataclass
+class RankingOutput:
+    loss: torch.Tensor  # scalar: weighted sum of per-task mean losses
+    num_targets: int  # candidates scored
+    logits: torch.Tensor  # [P, K] (raw predictions for regression tasks)
+    labels: torch.Tensor  # [P, K]
+    task_losses: dict[str, float]
+
+
+def candidate_events(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat index of every candidate event, its sequence row)."""
+    lengths = batch.lengths.to(torch.int64)
+    nt = batch.num_targets.to(torch.int64)
+    ends = torch.cumsum(lengths, 0)
+    rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), nt)
+    within = torch.arange(int(nt.sum()), device=lengths.device) - torch.repeat_interleave(
+        nt.cumsum(0) - nt, nt
+    )
+    return (ends - nt)[rows] + within, rows
+
+
+class HSTURanking(nn.Module):
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        rc = cfg.model.ranking
+        self.cfg = cfg
+        self.tasks = list(rc.tasks)
+        if not self.tasks:
+            raise ValueError("model.ranking.tasks is empty: list at least one task")
+        for t in rc.regression_tasks:
+            if t not in self.tasks:
+                raise ValueError(f"model.ranking.regression_tasks has {t!r}, not in tasks")
+        for t in self.tasks:
+            if t not in rc.regression_tasks and t not in ACTIONS:
+                raise ValueError(
+                    f"model.ranking.tasks: {t!r} is neither an action ({sorted(ACTIONS)}) "
+                    "nor listed in ranking.regression_tasks"
+                )
+        if rc.task_weights and len(rc.task_weights) != len(self.tasks):
+            raise ValueError(
+                f"model.ranking.task_weights has {len(rc.task_weights)} entries for "
+                f"{len(self.tasks)} tasks; give one weight per task or none"
+            )
+        self.weights = list(rc.task_weights) or [1.0] * len(self.tasks)
+        self.regression = [t in rc.regression_tasks for t in self.tasks]
+        self.sparse = SparseEmbeddings(cfg.embeddings)
+        self.features = [ITEM_KEY, *cfg.model.user_feature_tokens]
+        context_dims = {f: self.sparse.feature_dim(f) for f in cfg.model.user_feature_tokens}
+        self.tokens = TokenBuilder(cfg.model, self.sparse.feature_dim(ITEM_KEY), context_dims)
+        self.encoder = self.make_encoder(cfg.model)
+        d = cfg.model.dim
+        self.head = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, len(self.tasks)))
+
+    def make_encoder(self, cfg: ModelConfig) -> nn.Module:
+        return HSTUEncoder(cfg)
+
+    def labels(self, batch: Batch, cand: torch.Tensor) -> torch.Tensor:
+        """[P, K] float labels of the candidates (see module docstring)."""
+        actions = batch.actions[cand].to(torch.int64)
+        cols = []
+        for task, is_reg in zip(self.tasks, self.regression):
+            if is_reg:
+                if task not in batch.features.keys():
+                    raise ValueError(
+                        f"regression task {task!r} needs a batch feature named {task!r} "
+                        f"(batch has {batch.features.keys()})"
+                    )
+                cols.append(batch.features[task].values()[cand].to(torch.float32))
+            else:
+                codes = torch.tensor([ACTIONS[a] for a in FUNNEL.get(task, (task,))])
+                cols.append(torch.isin(actions, codes.to(actions.device)).to(torch.float32))
+        return torch.stack(cols, dim=1)
+
+    def predict(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits [P, K], flat candidate event index [P], sequence row [P])."""
+        out = self.sparse(lookup_kjt(batch, self.features, batch.item_ids.new_zeros(0)))
+        n_seq = int(batch.lengths.sum())
+        item_rows = out[ITEM_KEY].values()[:n_seq]
+        context = {f: out[f].values() for f in self.features[1:]}
+        tok = self.tokens(
+            item_rows,
+            batch.actions,
+            batch.timestamps,
+            batch.lengths,
+            batch.num_targets,
+            context,
+            candidates=True,
+        )
+        h = self.encoder(tok.x, tok.offsets, max(tok.max_len, 1), tok.timestamps, tok.num_targets)
+        cand, rows = candidate_events(batch)
+        logits = self.head(h[tok.state_index[cand]])
+        if cand.numel() == 0:  # keep every parameter in the graph
+            logits = logits + 0.0 * h.sum()
+        return logits, cand, rows
+
+    def forward(
+        self,
+        batch: Batch,
+        negatives: torch.Tensor | None = None,
+        neg_log_q: torch.Tensor | None = None,
+    ) -> RankingOutput:
+        """Multi-task loss over all candidates; negatives/neg_log_q are ignored (same call
+        signature as retrieval so the trainer treats both alike)."""
+        logits, cand, _ = self.predict(batch)
+        labels = self.labels(batch, cand)
+        if cand.numel() == 0:
+            zero = logits.sum() * 0.0
+            return RankingOutput(zero, 0, logits, labels, {t: 0.0 for t in self.tasks})
+        loss, per_task = multitask_loss(logits, labels, self.weights, self.regression)
+        return RankingOutput(
+            loss,
+            int(cand.numel()),
+            logits,
+            labels,
+            {t: float(v.detach()) for t, v in zip(self.tasks, per_task)},
+        )

@@ -1,0 +1,252 @@
+"""Generative retrieval: next-item prediction at every target position, sampled softmax.
+
+`HSTURetrieval(cfg)` = `SparseEmbeddings` (the only TorchRec part; DMP shards `sparse.ec`)
++ token builder + encoder. A forward step does exactly ONE sparse lookup: the batch's
+sequences and the step's sampled negatives travel in one KJT (the negatives are one extra
+"sample" of the item_id key, every other key has length 0 there), so every rank runs the
+same collectives once per step.
+
+Target positions: event t of sequence b is a target if it is among the last num_targets[b]
+events and t >= 1; it is predicted from the state after event t-1 (see `tokens.py`).
+Item scores are cosines of L2-normalized user states and item embeddings (the input item
+table, projected to model.dim when the table is narrower/wider), divided by temperature.
+
+Export: `encode_last(item_emb, actions, timestamps, lengths[, context_emb])` takes plain
+PADDED tensors ([B, L, ...], the item rows already looked up, so no KJT and no hashing
+inside) and returns the normalized state after each sequence's last event, [B, D]. It has
+no data-dependent Python control flow, so torch.export can trace it with B and L dynamic.
+The jagged training path groups sequences by length in Python, which export cannot trace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from genrec.config import Config, ModelConfig
+from genrec.data_pipeline.batch import ITEM_KEY, Batch
+from genrec.embeddings.tables import SparseEmbeddings
+from genrec.models.hstu import HSTUEncoder
+from genrec.models.losses import full_softmax_loss, sampled_softmax_loss
+from genrec.models.tokens import TokenBuilder
+
+
+@dataclass
+class RetrievalOutput:
+    loss: torch.Tensor  # scalar, mean over target positions (0 with grad when there are none)
+    num_targets: int  # target positions in this batch
+    num_candidates: int  # columns of the softmax per position
+
+
+def target_events(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat index of each target event with a preceding event, its sequence row)."""
+    lengths = batch.lengths.to(torch.int64)
+    offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+    first = torch.clamp(lengths - batch.num_targets.to(torch.int64), min=1)
+    n = torch.clamp(lengths - first, min=0)
+    rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), n)
+    start = torch.repeat_interleave(offsets[:-1] + first, n)
+    within = torch.arange(int(n.sum()), device=lengths.device) - torch.repeat_interleave(
+        n.cumsum(0) - n, n
+    )
+    return start + within, rows
+
+
+def lookup_kjt(batch: Batch, features: list[str], extra_items: torch.Tensor) -> KeyedJaggedTensor:
+    """The step's one KJT: batch sequences + `extra_items` as one more item_id sample."""
+    kjt = batch.features
+    lengths = batch.lengths.to(torch.int64)
+    n_extra = lengths.new_tensor([extra_items.numel()])
+    zero = lengths.new_zeros(1)
+    values, all_lengths = [], []
+    for f in features:
+        if f not in kjt.keys():
+            raise ValueError(f"batch has no feature {f!r} (has {kjt.keys()})")
+        values.append(kjt[f].values().to(torch.int64))
+        if f == ITEM_KEY:
+            values.append(extra_items.to(torch.int64))
+        all_lengths += [lengths, n_extra if f == ITEM_KEY else zero]
+    return KeyedJaggedTensor(
+        keys=features, values=torch.cat(values), lengths=torch.cat(all_lengths)
+    )
+
+
+class HSTURetrieval(nn.Module):
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.rcfg = cfg.model.retrieval
+        self.sparse = SparseEmbeddings(cfg.embeddings)
+        self.features = [ITEM_KEY, *cfg.model.user_feature_tokens]
+        context_dims = {f: self.sparse.feature_dim(f) for f in cfg.model.user_feature_tokens}
+        self.tokens = TokenBuilder(cfg.model, self.sparse.feature_dim(ITEM_KEY), context_dims)
+        self.encoder = self.make_encoder(cfg.model)
+
+    def make_encoder(self, cfg: ModelConfig) -> nn.Module:
+        return HSTUEncoder(cfg)
+
+    # ------------------------------------------------------------------ internals
+
+    def _lookup(self, batch: Batch, extra: torch.Tensor):
+        out = self.sparse(lookup_kjt(batch, self.features, extra))
+        n_seq = int(batch.lengths.sum())
+        items = out[ITEM_KEY].values()
+        context = {f: out[f].values() for f in self.features[1:]}
+        return items[:n_seq], items[n_seq:], context
+
+    def _encode(self, batch: Batch, item_rows: torch.Tensor, context: dict) -> tuple:
+        tok = self.tokens(
+            item_rows, batch.actions, batch.timestamps, batch.lengths, batch.num_targets, context
+        )
+        out = self.encoder(tok.x, tok.offsets, max(tok.max_len, 1), tok.timestamps)
+        return out, tok
+
+    def _item_vectors(self, rows: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.tokens.item_proj(rows), dim=-1)
+
+    def _states(self, batch: Batch, item_rows: torch.Tensor, context: dict):
+        out, tok = self._encode(batch, item_rows, context)
+        tgt, rows = target_events(batch)
+        states = F.normalize(out[tok.state_index[tgt - 1]], dim=-1)
+        return states, tgt, rows, out
+
+    # ------------------------------------------------------------------ API
+
+    def forward(
+        self, batch: Batch, negatives: torch.Tensor, neg_log_q: torch.Tensor
+    ) -> RetrievalOutput:
+        """Sampled (or, with retrieval.full_softmax, exact) softmax loss of the batch.
+
+        With full_softmax, `negatives` must be the whole catalog's raw ids (neg_log_q unused).
+        """
+        item_rows, neg_rows, context = self._lookup(batch, negatives)
+        states, tgt, _, out = self._states(batch, item_rows, context)
+        neg_emb = self._item_vectors(neg_rows)
+        P = int(tgt.numel())
+        if P == 0:  # keep every parameter in the graph so DDP/DMP steps stay aligned
+            zero = 0.0 * (out.sum() + neg_emb.sum())
+            return RetrievalOutput(zero, 0, 0)
+        pos_ids = batch.item_ids[tgt]
+        pos_emb = self._item_vectors(item_rows[tgt])
+        if self.rcfg.full_softmax:
+            index = catalog_index(negatives, pos_ids)
+            loss = full_softmax_loss(states, neg_emb, index, temperature=self.rcfg.temperature)
+            return RetrievalOutput(loss, P, int(negatives.numel()))
+        loss = sampled_softmax_loss(
+            states,
+            pos_emb,
+            pos_ids,
+            neg_emb,
+            negatives,
+            neg_log_q,
+            temperature=self.rcfg.temperature,
+            in_batch=self.rcfg.in_batch,
+            logq=self.rcfg.logq_correction,
+        )
+        n_cand = 1 + (P if self.rcfg.in_batch else 0) + int(negatives.numel())
+        return RetrievalOutput(loss, P, n_cand)
+
+    def user_states(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(states [P, D] normalized, target raw ids [P], sequence row [P]) per target position."""
+        item_rows, _, context = self._lookup(batch, batch.item_ids.new_zeros(0))
+        states, tgt, rows, _ = self._states(batch, item_rows, context)
+        return states, batch.item_ids[tgt], rows
+
+    def item_embeddings(self, raw_ids: torch.Tensor) -> torch.Tensor:
+        """[n, D] L2-normalized output embeddings of raw item ids (one sparse lookup)."""
+        kjt = KeyedJaggedTensor(
+            keys=[ITEM_KEY],
+            values=raw_ids.to(torch.int64),
+            lengths=torch.tensor([raw_ids.numel()], dtype=torch.int64, device=raw_ids.device),
+        )
+        return self._item_vectors(self.sparse(kjt)[ITEM_KEY].values())
+
+    @torch.no_grad()
+    def top_k(
+        self,
+        batch: Batch,
+        catalog_ids: torch.Tensor,
+        k: int,
+        exclude_history: bool = True,
+        block: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Best min(k, |catalog|) items per target position: (ids [P, k], cosines, targets [P]).
+
+        The catalog is scored in blocks of `block` rows (default retrieval.top_k_block);
+        with exclude_history, items of the sequence's events before the target are skipped.
+        Every rank must call this with the same catalog (each block is a sparse lookup).
+        """
+        block = block or self.rcfg.top_k_block
+        states, targets, rows = self.user_states(batch)
+        tgt, _ = target_events(batch)
+        k = min(k, int(catalog_ids.numel()))
+        P = states.shape[0]
+        best_s = states.new_full((P, 0), float("-inf"))
+        best_i = torch.zeros(P, 0, dtype=torch.int64, device=states.device)
+        seen_p, seen_col = (
+            history_columns(batch, tgt, rows, catalog_ids) if exclude_history else (None, None)
+        )
+        for s in range(0, int(catalog_ids.numel()), block):
+            ids = catalog_ids[s : s + block]
+            scores = states @ self.item_embeddings(ids).T
+            if seen_p is not None:
+                m = (seen_col >= s) & (seen_col < s + ids.numel())
+                scores[seen_p[m], seen_col[m] - s] = float("-inf")
+            cand_s = torch.cat([best_s, scores], dim=1)
+            cand_i = torch.cat([best_i, ids[None, :].expand(P, -1)], dim=1)
+            best_s, top = torch.topk(cand_s, min(k, cand_s.shape[1]), dim=1)
+            best_i = torch.gather(cand_i, 1, top)
+        return best_i, best_s, targets
+
+    def encode_last(
+        self,
+        item_emb: torch.Tensor,
+        actions: torch.Tensor,
+        timestamps: torch.Tensor,
+        lengths: torch.Tensor,
+        context_emb: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Exportable: padded item rows [B, L, Di], actions/timestamps [B, L], lengths [B]
+        (>= 1; events left-aligned) -> normalized user state after the last event, [B, D]."""
+        x, ts, tok_len = self.tokens.padded(item_emb, actions, timestamps, lengths, context_emb)
+        out = self.encoder.forward_padded(x, tok_len, ts)
+        last = (tok_len - 1).clamp_min(0)
+        idx = last[:, None, None].expand(-1, 1, out.shape[-1])
+        return F.normalize(torch.gather(out, 1, idx)[:, 0], dim=-1)
+
+
+def catalog_index(catalog_ids: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Row of each id in the catalog; fails naming an id that is not in it."""
+    order = torch.argsort(catalog_ids)
+    sorted_ids = catalog_ids[order]
+    pos = torch.searchsorted(sorted_ids, ids).clamp_max(max(sorted_ids.numel() - 1, 0))
+    found = sorted_ids[pos] == ids
+    if not bool(found.all()):
+        missing = int(ids[~found][0])
+        raise ValueError(
+            f"full_softmax: target item {missing} is not in the catalog passed as negatives; "
+            "pass the whole catalog or set model.retrieval.full_softmax=false"
+        )
+    return order[pos]
+
+
+def history_columns(
+    batch: Batch, tgt: torch.Tensor, rows: torch.Tensor, catalog_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position, catalog column) pairs of items seen before each target position."""
+    starts = batch.offsets.to(torch.int64)[rows]
+    n = tgt - starts  # events before the target
+    p = torch.repeat_interleave(torch.arange(tgt.numel(), device=tgt.device), n)
+    within = torch.arange(int(n.sum()), device=tgt.device) - torch.repeat_interleave(
+        n.cumsum(0) - n, n
+    )
+    ids = batch.item_ids[starts[p] + within]
+    order = torch.argsort(catalog_ids)
+    sorted_ids = catalog_ids[order]
+    pos = torch.searchsorted(sorted_ids, ids).clamp_max(max(sorted_ids.numel() - 1, 0))
+    found = sorted_ids[pos] == ids
+    return p[found], order[pos[found]]

@@ -1,0 +1,113 @@
+"""SASRec baseline (Kang & McAuley, 2018): causal softmax Transformer, learned positions.
+
+Same inputs (tokens.py), same losses and the same evaluation API as the HSTU models; only
+the encoder differs: pre-LayerNorm blocks of softmax multi-head attention (scaled dot
+product, causal or target-aware mask, no relative biases, timestamps unused) and a ReLU
+point-wise feed-forward, with a learned absolute position embedding added to the tokens.
+Selected by model.kind="sasrec". The encoder pads each batch to its longest sequence
+(it is the baseline; HSTU is the jagged one).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genrec.config import ModelConfig
+from genrec.models.attention import _allowed_and_positions
+from genrec.models.hstu import max_tokens
+from genrec.models.ranking import HSTURanking
+from genrec.models.retrieval import HSTURetrieval
+
+
+class SASRecBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.dim % cfg.num_heads:
+            raise ValueError(
+                f"sasrec: model.dim={cfg.dim} must be divisible by num_heads={cfg.num_heads}"
+            )
+        self.heads = cfg.num_heads
+        self.norm1 = nn.LayerNorm(cfg.dim)
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
+        self.out = nn.Linear(cfg.dim, cfg.dim)
+        self.norm2 = nn.LayerNorm(cfg.dim)
+        self.ffn = nn.Sequential(
+            nn.Linear(cfg.dim, cfg.dim),
+            nn.ReLU(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.dim, cfg.dim),
+        )
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.attn_dropout = cfg.attn_dropout
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(B, L, 3, self.heads, D // self.heads).unbind(2)
+        a = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=mask[:, None],
+            dropout_p=self.attn_dropout if self.training else 0.0,
+        )
+        x = x + self.dropout(self.out(a.transpose(1, 2).reshape(B, L, D)))
+        return x + self.dropout(self.ffn(self.norm2(x)))
+
+
+class SASRecEncoder(nn.Module):
+    """Same call signature as HSTUEncoder (jagged and padded); timestamps are ignored."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.capacity = max_tokens(cfg)
+        self.pos_emb = nn.Embedding(self.capacity, cfg.dim)
+        nn.init.normal_(self.pos_emb.weight, std=0.02)
+        self.blocks = nn.ModuleList(SASRecBlock(cfg) for _ in range(cfg.num_layers))
+        self.final_norm = nn.LayerNorm(cfg.dim)
+
+    def forward_padded(
+        self,
+        x: torch.Tensor,  # [B, L, D]
+        lengths: torch.Tensor,
+        timestamps: torch.Tensor | None = None,
+        num_targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        L = x.shape[1]
+        allowed, pos = _allowed_and_positions(lengths.to(torch.int64), L, num_targets)
+        eye = torch.eye(L, dtype=torch.bool, device=x.device)[None]
+        mask = allowed | eye  # padding rows attend to themselves (no all-masked NaN rows)
+        x = x + self.pos_emb(pos.clamp_max(self.capacity - 1))
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.final_norm(x)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        offsets: torch.Tensor,
+        max_seq_len: int,
+        timestamps: torch.Tensor | None = None,
+        num_targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        lengths = offsets[1:] - offsets[:-1]
+        L = int(lengths.max()) if lengths.numel() else 1
+        ar = torch.arange(max(L, 1), device=x.device)
+        valid = ar[None, :] < lengths[:, None]
+        rows = offsets[:-1, None] + torch.where(valid, ar[None, :], 0)
+        rows = rows.clamp_max(max(x.shape[0] - 1, 0))
+        if x.shape[0] == 0:
+            return self.final_norm(x)
+        out = self.forward_padded(x[rows], lengths, None, num_targets)
+        return out[valid][torch.argsort(rows[valid])]
+
+
+class SASRecRetrieval(HSTURetrieval):
+    def make_encoder(self, cfg: ModelConfig) -> nn.Module:
+        return SASRecEncoder(cfg)
+
+
+class SASRecRanking(HSTURanking):
+    def make_encoder(self, cfg: ModelConfig) -> nn.Module:
+        return SASRecEncoder(cfg)

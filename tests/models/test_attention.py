@@ -1,0 +1,180 @@
+"""The jagged HSTU attention reference against a straightforward per-sequence implementation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from genrec.models.attention import (
+    _length_groups,
+    hstu_attention,
+    hstu_attention_padded,
+    time_bucket,
+)
+
+H, DQK, DV, P, NB = 2, 8, 6, 20, 16
+
+
+def naive_attention(q, k, v, offsets, ts, pos_bias, time_bias, num_targets, norm):
+    """Loops over sequences and builds the mask and biases entry by entry (slow, obvious)."""
+    outs = []
+    for b in range(offsets.numel() - 1):
+        s0, s1 = int(offsets[b]), int(offsets[b + 1])
+        n = s1 - s0
+        if n == 0:
+            continue
+        h = n - int(num_targets[b]) if num_targets is not None else n
+        scores = torch.einsum("ihd,jhd->hij", q[s0:s1], k[s0:s1])
+        bias = torch.zeros(n, n)
+        mask = torch.zeros(n, n)
+        for i in range(n):
+            for j in range(n):
+                if num_targets is None:
+                    ok = j <= i
+                else:
+                    ok = (j <= i and j < h) or i == j
+                if not ok:
+                    continue
+                mask[i, j] = 1.0
+                pi = i if i < h else h
+                pj = j if j < h else h
+                terms = []
+                if pos_bias is not None:
+                    terms.append(pos_bias[min(pi - pj, pos_bias.numel() - 1)])
+                if time_bias is not None:
+                    gap = abs(int(ts[s0 + i]) - int(ts[s0 + j]))
+                    bucket = min(int(math.floor(2 * math.log2(1 + gap))), time_bias.numel() - 1)
+                    terms.append(time_bias[bucket])
+                if terms:
+                    bias = bias.index_put((torch.tensor([i]), torch.tensor([j])), sum(terms)[None])
+        denom = n if norm == "length" else norm
+        a = F.silu(scores + bias[None]) * mask[None] / denom
+        outs.append(torch.einsum("hij,jhd->ihd", a, v[s0:s1]))
+    return torch.cat(outs)
+
+
+def random_batch(lengths, seed=0, with_targets=False):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor(lengths)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    T = int(lengths.sum())
+    q = torch.randn(T, H, DQK, generator=g, requires_grad=True)
+    k = torch.randn(T, H, DQK, generator=g, requires_grad=True)
+    v = torch.randn(T, H, DV, generator=g, requires_grad=True)
+    gaps = torch.randint(0, 5000, (T,), generator=g)
+    ts = torch.cumsum(gaps, 0)
+    pos_bias = torch.randn(P, generator=g, requires_grad=True)
+    time_bias = torch.randn(NB, generator=g, requires_grad=True)
+    nt = None
+    if with_targets:
+        nt = torch.minimum(torch.randint(0, 4, (lengths.numel(),), generator=g), lengths)
+    return q, k, v, offsets, ts, pos_bias, time_bias, nt
+
+
+LENGTHS = [5, 0, 1, 23, 9, 33, 2, 17, 30]
+
+
+@pytest.mark.parametrize(
+    "with_targets,use_bias,norm",
+    [(False, True, "length"), (True, True, "length"), (False, False, 7.0), (True, False, 10.0)],
+)
+def test_reference_matches_naive_forward_and_grads(with_targets, use_bias, norm):
+    q, k, v, offsets, ts, pb, tb, nt = random_batch(LENGTHS, seed=1, with_targets=with_targets)
+    if not use_bias:
+        pb = tb = None
+    kw = dict(timestamps=ts, pos_bias=pb, time_bias=tb, num_targets=nt, norm=norm)
+    got = hstu_attention(q, k, v, offsets, max(LENGTHS), backend="reference", **kw)
+    want = naive_attention(q, k, v, offsets, ts, pb, tb, nt, norm)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    w = torch.randn_like(want)
+    params = [q, k, v] + ([pb, tb] if use_bias else [])
+    g_got = torch.autograd.grad((got * w).sum(), params)
+    g_want = torch.autograd.grad((want * w).sum(), params)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    if use_bias:  # the biases really receive gradient
+        assert float(g_got[3].abs().sum()) > 0 and float(g_got[4].abs().sum()) > 0
+
+
+def test_padded_variant_matches_jagged():
+    q, k, v, offsets, ts, pb, tb, nt = random_batch(LENGTHS, seed=2, with_targets=True)
+    lengths = offsets[1:] - offsets[:-1]
+    L = max(LENGTHS)
+    ar = torch.arange(L)
+    valid = ar[None] < lengths[:, None]
+    rows = offsets[:-1, None] + torch.where(valid, ar[None], 0)
+    rows = rows.clamp_max(q.shape[0] - 1)
+    pad = hstu_attention_padded(
+        q[rows],
+        k[rows],
+        v[rows],
+        lengths,
+        timestamps=ts[rows],
+        pos_bias=pb,
+        time_bias=tb,
+        num_targets=nt,
+    )
+    jag = hstu_attention(
+        q, k, v, offsets, L, timestamps=ts, pos_bias=pb, time_bias=tb, num_targets=nt
+    )
+    torch.testing.assert_close(pad[valid], jag, rtol=1e-5, atol=1e-6)
+    assert float(pad[~valid].detach().abs().max()) == 0.0
+
+
+def test_causal_later_tokens_do_not_change_earlier_outputs():
+    q, k, v, offsets, ts, pb, tb, _ = random_batch([12, 20], seed=3)
+    kw = dict(timestamps=ts, pos_bias=pb, time_bias=tb)
+    before = hstu_attention(q, k, v, offsets, 20, **kw).detach()
+    cut = 12 + 9  # token 9 of the second sequence
+    q2, k2, v2, ts2 = q.detach().clone(), k.detach().clone(), v.detach().clone(), ts.clone()
+    q2[cut:] += 3.0
+    k2[cut:] -= 2.0
+    v2[cut:] *= 5.0
+    ts2[cut:] += 10_000
+    after = hstu_attention(q2, k2, v2, offsets, 20, **{**kw, "timestamps": ts2}).detach()
+    torch.testing.assert_close(after[:cut], before[:cut], rtol=0, atol=0)
+    assert float((after[cut:] - before[cut:]).abs().max()) > 1e-3
+
+
+def test_target_aware_candidates_do_not_see_each_other():
+    q, k, v, offsets, ts, pb, tb, _ = random_batch([10], seed=4)
+    nt = torch.tensor([4])  # rows 6..9 are candidates
+    kw = dict(timestamps=ts, pos_bias=pb, time_bias=tb, num_targets=nt)
+    before = hstu_attention(q, k, v, offsets, 10, **kw).detach()
+    k2, v2 = k.detach().clone(), v.detach().clone()
+    k2[7] += 4.0
+    v2[7] *= -3.0
+    after = hstu_attention(q, k2, v2, offsets, 10, **kw).detach()
+    changed = (after - before).abs().amax(dim=(1, 2))
+    assert float(changed[:6].max()) == 0.0  # history never sees candidates
+    assert float(changed[[6, 8, 9]].max()) == 0.0  # other candidates unaffected
+    assert float(changed[7]) > 1e-3  # the candidate sees itself
+    # a candidate sees the full history: perturbing history row 5 changes every candidate
+    v3 = v.detach().clone()
+    v3[5] += 1.0
+    after3 = hstu_attention(q, k, v3, offsets, 10, **kw).detach()
+    assert float((after3[6:] - before[6:]).abs().amax(dim=(1, 2)).min()) > 1e-6
+
+
+def test_time_bucket_values():
+    dt = torch.tensor([0, 1, 2, 3, -3, 7, 8, 14, 15, 10**9, -(10**9)])
+    # floor(2*log2(1+|dt|)): 0, 2, 3.17->3, 4, 4, 6, 6.34->6, 7.8->7, 8, 59.8->59 (clamped 40)
+    want = torch.tensor([0, 2, 3, 4, 4, 6, 6, 7, 8, 40, 40])
+    assert torch.equal(time_bucket(dt, 41), want)
+    assert torch.equal(time_bucket(torch.tensor([10**9]), 64), torch.tensor([59]))
+    assert time_bucket(dt, 41).dtype == torch.int64
+
+
+def test_length_groups_do_not_pad_short_sequences_to_the_longest():
+    lengths = [3] * 100 + [500] + [0, 40]
+    groups = _length_groups(lengths, num_heads=2)
+    covered = sorted(b for members, _ in groups for b in members)
+    assert covered == [b for b, n in enumerate(lengths) if n > 0]
+    for members, L in groups:
+        assert L == max(lengths[b] for b in members)
+        assert all(lengths[b] * 2 > L for b in members)  # within a factor 2 of the pad
+    padded_scores = sum(len(m) * L * L for m, L in groups)
+    assert padded_scores <= 2 * sum(n * n for n in lengths)

@@ -1,0 +1,214 @@
+"""Token layouts, causality and leakage at model level, one lookup per step, export path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from genrec.data_pipeline.batch import make_batch
+from genrec.models.build import build_model
+from genrec.models.ranking import HSTURanking
+from genrec.models.retrieval import HSTURetrieval, target_events
+from genrec.models.sasrec import SASRecRanking, SASRecRetrieval
+from genrec.models.tokens import TokenBuilder
+from tests.models.helpers import edit, random_batch, small_config
+
+
+@pytest.mark.parametrize(
+    "mode,candidates,offsets,state",
+    [
+        ("sum", True, [0, 4, 7], [1, 2, 3, 5, 6]),
+        ("interleave", True, [0, 6, 9], [2, 4, 5, 7, 8]),
+        ("interleave", False, [0, 7, 12], [2, 4, 6, 9, 11]),
+    ],
+)
+def test_token_layout(mode, candidates, offsets, state):
+    cfg = small_config(token_mode=mode, user_feature_tokens=["category"])
+    tb = TokenBuilder(cfg.model, item_dim=16, context_dims={"category": 8})
+    lengths, nt = torch.tensor([3, 2]), torch.tensor([1, 2])
+    ts = torch.tensor([100, 200, 300, 400, 500])
+    tok = tb(
+        torch.randn(5, 16),
+        torch.tensor([0, 1, 2, 3, 1]),
+        ts,
+        lengths,
+        nt,
+        {"category": torch.randn(5, 8)},
+        candidates=candidates,
+    )
+    assert tok.offsets.tolist() == offsets
+    assert tok.state_index.tolist() == state
+    assert tok.max_len == max(b - a for a, b in zip(offsets, offsets[1:]))
+    assert tok.timestamps[0] == 100 and tok.timestamps[offsets[1]] == 400  # context tokens
+    assert tok.timestamps[state].tolist() == ts.tolist()
+    assert (tok.num_targets.tolist() if candidates else None) == ([1, 2] if candidates else None)
+
+
+def test_build_model_picks_class():
+    for kind, task, cls in [
+        ("hstu", "retrieval", HSTURetrieval),
+        ("hstu", "ranking", HSTURanking),
+        ("sasrec", "retrieval", SASRecRetrieval),
+        ("sasrec", "ranking", SASRecRanking),
+    ]:
+        assert type(build_model(small_config(kind=kind, task=task))) is cls
+
+
+@pytest.mark.parametrize(
+    "kind,mode,ctx",
+    [("hstu", "sum", True), ("hstu", "interleave", False), ("sasrec", "sum", False)],
+)
+@torch.no_grad()
+def test_retrieval_states_are_causal_and_context_never_sees_targets(kind, mode, ctx):
+    torch.manual_seed(0)
+    cfg = small_config(kind=kind, token_mode=mode, user_feature_tokens=["category"] if ctx else [])
+    model = build_model(cfg).eval()
+    batch = random_batch([6, 9], [2, 5], seed=1)  # seq 1: events 6..14, targets 10..14
+    states, targets, rows = model.user_states(batch)
+    assert rows.tolist() == [0, 0, 1, 1, 1, 1, 1] and torch.equal(
+        targets, batch.item_ids[[4, 5, 10, 11, 12, 13, 14]]
+    )
+    # change event 12 (a target): states predicting 10, 11, 12 (after events <= 11) stay
+    after, _, _ = model.user_states(edit(batch, 12, item=49, action=3, category=9))
+    torch.testing.assert_close(after[:5], states[:5], rtol=0, atol=1e-6)
+    assert float((after[5:] - states[5:]).detach().abs().max()) > 1e-4
+    if ctx:  # a target's context feature must not reach any state through the context token
+        after, _, _ = model.user_states(edit(batch, 14, category=7))
+        torch.testing.assert_close(after, states, rtol=0, atol=1e-6)
+        after, _, _ = model.user_states(edit(batch, 1, category=7))  # history: it does
+        assert float((after - states).detach().abs().max()) > 1e-4
+
+
+@pytest.mark.parametrize("kind,mode", [("hstu", "sum"), ("hstu", "interleave"), ("sasrec", "sum")])
+@torch.no_grad()
+def test_ranking_candidates_do_not_see_each_other(kind, mode):
+    torch.manual_seed(0)
+    model = build_model(small_config(kind=kind, task="ranking", token_mode=mode)).eval()
+    batch = random_batch([7, 5], [3, 2], seed=2)  # candidates: 4,5,6 and 10,11
+    logits, cand, rows = model.predict(batch)
+    assert cand.tolist() == [4, 5, 6, 10, 11] and rows.tolist() == [0, 0, 0, 1, 1]
+    after, _, _ = model.predict(edit(batch, 5, item=49))
+    changed = (after - logits).abs().amax(dim=1)
+    assert float(changed[[0, 2, 3, 4]].max()) < 1e-6 and float(changed[1]) > 1e-5
+    # a candidate's own action is its label: it must not reach any prediction
+    after, _, _ = model.predict(edit(batch, 6, action=3 - int(batch.actions[6])))
+    torch.testing.assert_close(after, logits, rtol=0, atol=1e-6)
+    # history reaches every candidate of its sequence
+    after, _, _ = model.predict(edit(batch, 1, item=48))
+    assert float((after[:3] - logits[:3]).abs().amax(dim=1).min()) > 1e-6
+
+
+def test_one_sparse_lookup_per_forward_and_empty_targets_keep_grad():
+    torch.manual_seed(0)
+    model = build_model(small_config(user_feature_tokens=["category"]))
+    calls = []
+    model.sparse.ec.register_forward_hook(lambda *a: calls.append(1))
+    batch = random_batch([4, 6], [2, 3], seed=3)
+    out = model(batch, torch.tensor([1, 2, 3, 4]), torch.full((4,), -2.0))
+    assert len(calls) == 1 and out.num_targets == 5 and out.num_candidates == 1 + 5 + 4
+    out.loss.backward()
+    assert model.sparse.ec.embeddings["item"].weight.grad is not None
+    # no target position (single-event sequences): loss 0 that still backpropagates
+    empty = random_batch([1, 1], [1, 1], seed=4)
+    out = model(empty, torch.tensor([1, 2]), torch.zeros(2))
+    assert out.num_targets == 0 and float(out.loss.detach()) == 0.0
+    out.loss.backward()
+
+
+def test_full_softmax_matches_scores_over_catalog():
+    torch.manual_seed(0)
+    cfg = small_config()
+    cfg.model.retrieval.full_softmax = True
+    model = build_model(cfg).eval()
+    batch = random_batch([5, 6], [2, 3], seed=5, num_items=20)
+    catalog = torch.arange(20).flip(0)
+    out = model(batch, catalog, torch.zeros(20))
+    states, targets, _ = model.user_states(batch)
+    logits = states @ model.item_embeddings(catalog).T / cfg.model.retrieval.temperature
+    want = torch.nn.functional.cross_entropy(logits, 19 - targets)
+    torch.testing.assert_close(out.loss, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="not in the catalog"):
+        model(batch, torch.arange(3), torch.zeros(3))
+
+
+@torch.no_grad()
+def test_top_k_blocks_and_history_exclusion():
+    torch.manual_seed(0)
+    model = build_model(small_config()).eval()
+    batch = random_batch([6, 8], [2, 3], seed=6, num_items=30)
+    catalog = torch.arange(30)
+    states, targets, _ = model.user_states(batch)
+    full = states @ model.item_embeddings(catalog).T
+    ids, scores, tgt = model.top_k(batch, catalog, 5, exclude_history=False, block=7)
+    assert torch.equal(tgt, targets)
+    torch.testing.assert_close(scores, full.topk(5, dim=1).values, rtol=1e-5, atol=1e-6)
+    ids, _, _ = model.top_k(batch, catalog, 5, exclude_history=True, block=4)
+    pos, rows = target_events(batch)
+    for p in range(ids.shape[0]):
+        seen = set(batch.item_ids[int(batch.offsets[rows[p]]) : int(pos[p])].tolist())
+        masked = full[p].clone()
+        masked[list(seen)] = float("-inf")
+        assert not seen & set(ids[p].tolist())
+        assert ids[p].tolist() == masked.topk(5).indices.tolist()
+
+
+@pytest.mark.parametrize("mode,ctx", [("sum", False), ("interleave", True)])
+def test_encode_last_equals_jagged_state_and_exports(mode, ctx):
+    torch.manual_seed(0)
+    cfg = small_config(token_mode=mode, user_feature_tokens=["category"] if ctx else [])
+    model = build_model(cfg).eval()
+    batch = random_batch([5, 8], [1, 1], seed=7)  # target = last event; state after the rest
+    states, _, _ = model.user_states(batch)
+    # the exported encoder gets the looked-up item rows of the histories, padded
+    hist_len = batch.lengths - 1
+    L = int(hist_len.max())
+    ar = torch.arange(L)
+    valid = ar[None] < hist_len[:, None]
+    idx = (batch.offsets[:-1, None] + ar[None]).clamp_max(batch.num_tokens - 1)
+    rows = model.sparse(batch.features)
+    item_emb = rows["item_id"].values()[idx] * valid[..., None]
+    ctx_emb = [rows["category"].values()[idx]] if ctx else None
+    args = (item_emb, batch.actions[idx], batch.timestamps[idx], hist_len, ctx_emb)
+    last = model.encode_last(*args)
+    torch.testing.assert_close(last, states, rtol=1e-5, atol=1e-5)
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, item_emb, actions, timestamps, lengths, context_emb=None):
+            return self.m.encode_last(item_emb, actions, timestamps, lengths, context_emb)
+
+    B, S = torch.export.Dim("B", min=1, max=64), torch.export.Dim("L", min=2, max=32)
+    dyn = ({0: B, 1: S}, {0: B, 1: S}, {0: B, 1: S}, {0: B}, [{0: B, 1: S}] if ctx else None)
+    exported = torch.export.export(Encoder(model), args, dynamic_shapes=dyn)
+    torch.testing.assert_close(exported.module()(*args), last, rtol=1e-5, atol=1e-6)
+    # other batch and length sizes run through the same exported program
+    shorter = (
+        args[0][:1, :3],
+        args[1][:1, :3],
+        args[2][:1, :3],
+        torch.tensor([3]),
+        [args[4][0][:1, :3]] if ctx else None,
+    )
+    torch.testing.assert_close(
+        exported.module()(*shorter), model.encode_last(*shorter), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_bad_actions_fail_early():
+    model = build_model(small_config())
+    b = random_batch([3], [1], seed=8)
+    bad = make_batch(
+        b.item_ids,
+        torch.tensor([0, 9, 1]),
+        b.timestamps,
+        b.lengths,
+        b.num_targets,
+        b.user_ids,
+        b.windows,
+        context={},
+    )
+    with pytest.raises(ValueError, match="model.num_actions"):
+        model.user_states(bad)
