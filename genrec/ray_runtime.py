@@ -30,22 +30,23 @@ def init_ray(
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=log_to_driver)
-        return True
-    ray.init(
-        num_cpus=num_cpus or os.cpu_count() or 1,
-        object_store_memory=max(MIN_OBJECT_STORE_MB, object_store_mb) * 2**20,
-        _node_ip_address="127.0.0.1",
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        log_to_driver=log_to_driver,
-        configure_logging=True,
-    )
+    else:
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count() or 1,
+            object_store_memory=max(MIN_OBJECT_STORE_MB, object_store_mb) * 2**20,
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=log_to_driver,
+            configure_logging=True,
+        )
     try:  # progress bars from Ray Data are ours to show, not the executor's
         from ray.data import DataContext
 
         ctx = DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset INFO lines
     except Exception:  # pragma: no cover - older Ray
         pass
     return True

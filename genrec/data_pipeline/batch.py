@@ -3,12 +3,16 @@
 A batch holds B sequences. Sequence b has `lengths[b]` events; its last `num_targets[b]`
 events are the targets (this window's events), the ones before are history. Sparse
 features are one `KeyedJaggedTensor` whose keys all share the per-sequence lengths:
-"item_id" (raw ids, hashed inside the model), "action", then any context features.
+"item_id" (raw ids, hashed inside the model), "action", then any integer context features.
 Timestamps are jagged values aligned with "item_id".
 
 Rows of the sequence schema become sequences with `sequences_from_rows`: a row longer than
 `max_len` is cut into chunks so that every target is a target exactly once and each chunk
-keeps as much preceding history as fits.
+keeps as much preceding history as fits. A row without targets yields no sequence.
+
+A *filler* batch (see `filler_batch`) is one sequence of one real token with
+num_targets=0: it contributes no loss and no metrics, and exists only so that every rank
+runs the same number of steps (collectives never wait on a rank that ran out of rows).
 """
 
 from __future__ import annotations
@@ -56,17 +60,25 @@ class Batch:
     def num_tokens(self) -> int:
         return int(self.timestamps.numel())
 
+    @property
+    def is_filler(self) -> bool:
+        """True when nothing in the batch is a target (a filler: no loss, no metrics)."""
+        return int(self.num_targets.sum()) == 0
+
+    def _dense(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "features"}
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        device = torch.device(device)
         return Batch(
-            features=self.features.to(torch.device(device), non_blocking=non_blocking),
-            **{
-                f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
-                for f in fields(self)
-                if f.name != "features"
-            },
+            features=self.features.to(device, non_blocking=non_blocking),
+            **{k: v.to(device, non_blocking=non_blocking) for k, v in self._dense().items()},
         )
 
     def pin_memory(self) -> Batch:
+        """Page-locked copy for fast async host-to-GPU copies; `self` when there is no CUDA."""
+        if not torch.cuda.is_available():
+            return self
         kjt = self.features
         return Batch(
             features=KeyedJaggedTensor(
@@ -74,66 +86,194 @@ class Batch:
                 values=kjt.values().pin_memory(),
                 lengths=kjt.lengths().pin_memory(),
             ),
-            **{
-                f.name: getattr(self, f.name).pin_memory()
-                for f in fields(self)
-                if f.name != "features"
-            },
+            **{k: v.pin_memory() for k, v in self._dense().items()},
         )
 
 
-def _chunks(n: int, num_history: int, max_len: int) -> list[tuple[int, int, int]]:
-    """(start, end, num_targets) slices of a row of n events, each at most max_len long."""
+def _chunk_plan(
+    n: np.ndarray, num_history: np.ndarray, max_len: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per chunk (row, start, end, num_targets) and chunks per row, vectorized over rows.
+
+    A row with t = n - num_history targets: t <= 0 gives no chunk; t <= max_len gives one
+    chunk ending at the row's end; a longer row is cut into target blocks of max_len // 2,
+    each preceded by as much history as fits in max_len.
+    """
     targets = n - num_history
-    if targets <= 0:
-        return []
-    if targets <= max_len:
-        return [(max(0, n - max_len), n, targets)]
     step = max(1, max_len // 2)
-    out = []
-    for t0 in range(num_history, n, step):
-        t1 = min(n, t0 + step)
-        out.append((max(0, t1 - max_len), t1, t1 - t0))
-    return out
+    multi = targets > max_len
+    count = np.where(targets <= 0, 0, np.where(multi, -(-targets // step), 1))
+    rows = np.repeat(np.arange(n.size, dtype=np.int64), count)
+    first = np.cumsum(count) - count
+    j = np.arange(rows.size, dtype=np.int64) - np.repeat(first, count)
+    t0 = num_history[rows] + j * step
+    end = np.where(multi[rows], np.minimum(n[rows], t0 + step), n[rows])
+    start = np.maximum(0, end - max_len)
+    return rows, start, end, end - t0, count
+
+
+def _ragged_arange(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(s, s + l) for each (s, l)."""
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    shift = starts - (np.cumsum(lengths) - lengths)
+    return np.arange(total, dtype=np.int64) + np.repeat(shift, lengths)
+
+
+def _numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Zero-copy, read-only numpy view of an integer column (pyarrow's to_numpy imports
+    pandas on first use, ~0.4 s, and costs more per call)."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+    if not pa.types.is_integer(col.type) or col.null_count or len(col) == 0:
+        return col.to_numpy(zero_copy_only=False)
+    kind = "u" if pa.types.is_unsigned_integer(col.type) else "i"
+    dt = np.dtype(f"{kind}{col.type.bit_width // 8}")
+    return np.frombuffer(col.buffers()[1], dt, len(col), col.offset * dt.itemsize)
+
+
+def _list_column(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(offsets from 0, flat values, is-null mask) of a list column, however chunked/sliced."""
+    if isinstance(col, pa.ChunkedArray):
+        arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+    else:
+        arr = col
+    offsets = _numpy(arr.offsets).astype(np.int64)
+    nulls = arr.is_null().to_numpy(zero_copy_only=False) if arr.null_count else None
+    return offsets - offsets[0], _numpy(arr.flatten()), nulls
+
+
+class BadRowError(ValueError):
+    """A sequence row whose lists disagree in length or whose num_history does not fit."""
+
+
+class SequenceRows:
+    """Sequence-schema rows decoded once and planned into chunks; slice them into Batches.
+
+    Building one over a few thousand rows and cutting many small batches out of it keeps the
+    per-batch cost to a handful of numpy gathers. Rows that are bad (list columns of
+    different lengths, null lists, num_history outside [0, length]) raise `BadRowError`, or
+    with `skip_bad=True` yield nothing and are counted in `num_bad`.
+    """
+
+    def __init__(
+        self,
+        table: pa.Table,
+        max_len: int,
+        context: tuple[str, ...] = (),
+        skip_bad: bool = False,
+    ):
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        self.num_rows, self.context = table.num_rows, tuple(context)
+        cols = ("item_ids", "actions", "timestamps", *context)
+        self.offsets: dict[str, np.ndarray] = {}
+        self.flat: dict[str, np.ndarray] = {}
+        bad = np.zeros(self.num_rows, dtype=bool)
+        for c in cols:
+            offs, self.flat[c], nulls = _list_column(table.column(c))
+            if nulls is not None:
+                bad |= nulls
+            if c != "item_ids" and np.array_equal(offs, self.offsets["item_ids"]):
+                offs = self.offsets["item_ids"]  # aligned (the normal case): one gather
+            else:
+                bad |= np.diff(offs) != np.diff(self.offsets.get("item_ids", offs))
+            self.offsets[c] = offs
+        self.n = np.diff(self.offsets["item_ids"])
+        hist = _numpy(table.column("num_history")).astype(np.int64)
+        bad |= (hist < 0) | (hist > self.n)
+        self.user_ids = _numpy(table.column("user_id"))
+        self.windows = _numpy(table.column("window"))
+        self.num_bad = int(bad.sum())
+        if self.num_bad:
+            if not skip_bad:
+                i = int(np.argmax(bad))
+                lens = {c: int(np.diff(self.offsets[c])[i]) for c in cols}
+                raise BadRowError(
+                    f"bad sequence row (user_id {self.user_ids[i]}, window {self.windows[i]}, "
+                    f"num_history {hist[i]}, list lengths {lens}): list columns must be non-null "
+                    "and of equal length, and 0 <= num_history <= length"
+                )
+            hist = np.where(bad, self.n, hist)  # a bad row keeps its place but has no targets
+        self.bad = bad
+        self._rows, self._start, self._end, self._tgt, count = _chunk_plan(self.n, hist, max_len)
+        self.chunks_per_row = count
+        self._first = np.concatenate([[0], np.cumsum(count)])
+        # rows that are one chunk spanning the whole row: a run of them is one slice of tokens
+        self._whole = np.concatenate([[0], np.cumsum((count == 1) & (self.n <= max_len))])
+
+    def batch(self, lo: int = 0, hi: int | None = None) -> Batch:
+        return concat_rows([(self, lo, self.num_rows if hi is None else hi)])
+
+    def _arrays(self, lo: int, hi: int) -> dict[str, np.ndarray]:
+        """Token and per-sequence arrays of rows [lo, hi)."""
+        c0, c1 = int(self._first[lo]), int(self._first[hi])
+        rows = self._rows[c0:c1]
+        start, end = self._start[c0:c1], self._end[c0:c1]
+        out = {
+            "lengths": end - start,
+            "num_targets": self._tgt[c0:c1],
+            "user_ids": self.user_ids[rows],
+            "windows": self.windows[rows],
+        }
+        base = self.offsets["item_ids"]
+        if self._whole[hi] - self._whole[lo] == hi - lo:
+            take = slice(int(base[lo]), int(base[hi]))
+        else:
+            take = _ragged_arange(base[rows] + start, end - start)
+        for c in ("item_ids", "actions", "timestamps", *self.context):
+            offs = self.offsets[c]  # its own offsets only around skipped misaligned rows
+            own = take if offs is base else _ragged_arange(offs[rows] + start, end - start)
+            out[c] = self.flat[c][own]
+        return out
+
+    def first_token(self, lo: int, hi: int) -> dict[str, int] | None:
+        """The first event of the first usable row in [lo, hi) (for filler batches)."""
+        usable = np.flatnonzero((self.n[lo:hi] > 0) & ~self.bad[lo:hi])
+        if usable.size == 0:
+            return None
+        r = lo + int(usable[0])
+        tok = {c: int(self.flat[c][self.offsets[c][r]]) for c in ("item_ids", "actions")}
+        tok["timestamps"] = int(self.flat["timestamps"][self.offsets["timestamps"][r]])
+        tok["user_id"] = int(self.user_ids[r])
+        tok["context"] = {c: int(self.flat[c][self.offsets[c][r]]) for c in self.context}
+        return tok
+
+
+def concat_rows(pieces: list[tuple[SequenceRows, int, int]]) -> Batch:
+    """One Batch from row ranges of one or more SequenceRows (in order)."""
+    parts = [p._arrays(lo, hi) for p, lo, hi in pieces]
+    if len(parts) == 1:
+        a = parts[0]
+    else:
+        a = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    context = pieces[0][0].context if pieces else ()
+    return make_batch(
+        item_ids=a["item_ids"],
+        actions=a["actions"],
+        timestamps=a["timestamps"],
+        lengths=a["lengths"],
+        num_targets=a["num_targets"],
+        user_ids=a["user_ids"],
+        windows=a["windows"],
+        context={c: a[c] for c in context},
+    )
 
 
 def sequences_from_rows(table: pa.Table, max_len: int, context: tuple[str, ...] = ()) -> Batch:
     """Turn sequence-schema rows into a Batch (rows longer than max_len are chunked)."""
-    n_rows = table.num_rows
-    list_cols = ["item_ids", "timestamps", "actions", *context]
-    offs = table.column("item_ids").combine_chunks().offsets.to_numpy()
-    flat = {c: table.column(c).combine_chunks().flatten().to_numpy() for c in list_cols}
-    num_history = table.column("num_history").to_numpy().astype(np.int64)
-    users = table.column("user_id").to_numpy()
-    windows = table.column("window").to_numpy()
+    return SequenceRows(table, max_len, context).batch()
 
-    starts, ends, n_tgt, rows = [], [], [], []
-    for r in range(n_rows):
-        base, n = int(offs[r]), int(offs[r + 1] - offs[r])
-        for s, e, t in _chunks(n, int(num_history[r]), max_len):
-            starts.append(base + s)
-            ends.append(base + e)
-            n_tgt.append(t)
-            rows.append(r)
-    starts_a = np.asarray(starts, dtype=np.int64)
-    lengths = np.asarray(ends, dtype=np.int64) - starts_a
-    # gather index of every token, chunk by chunk (vectorized ragged arange)
-    if lengths.size:
-        seg_start = np.repeat(starts_a - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
-        idx = np.arange(int(lengths.sum()), dtype=np.int64) + seg_start
-    else:
-        idx = np.zeros(0, dtype=np.int64)
-    rows_a = np.asarray(rows, dtype=np.int64)
-    return make_batch(
-        item_ids=flat["item_ids"][idx],
-        actions=flat["actions"][idx],
-        timestamps=flat["timestamps"][idx],
-        lengths=lengths,
-        num_targets=np.asarray(n_tgt, dtype=np.int64),
-        user_ids=users[rows_a] if rows_a.size else np.zeros(0, np.int64),
-        windows=windows[rows_a] if rows_a.size else np.zeros(0, np.int64),
-        context={c: flat[c][idx] for c in context},
-    )
+
+def _int64(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    if torch.is_tensor(x):
+        return x.to(torch.int64)
+    a = np.asarray(x)
+    if a.dtype != np.int64 or not a.flags.writeable:
+        # own a writable copy: arrow-backed arrays are read-only views into decoded pages
+        a = np.array(a, dtype=np.int64)
+    return torch.from_numpy(a)
 
 
 def make_batch(
@@ -147,25 +287,35 @@ def make_batch(
     context: dict[str, np.ndarray | torch.Tensor] | None = None,
 ) -> Batch:
     """Assemble a Batch from flat token arrays and per-sequence lengths."""
-
-    def t(x, dtype=torch.int64):
-        return torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).to(dtype)
-
-    lengths_t = t(lengths)
-    keys = [ITEM_KEY, ACTION_KEY]
-    values = [t(item_ids), t(actions)]
-    for name, col in (context or {}).items():
-        keys.append(name)
-        values.append(t(col))  # context ids; float context goes through its own path
-    kjt = KeyedJaggedTensor(
-        keys=keys,
-        values=torch.cat(values) if values else torch.zeros(0, dtype=torch.int64),
-        lengths=lengths_t.repeat(len(keys)),
-    )
+    keys = [ITEM_KEY, ACTION_KEY, *(context or {})]
+    cols = [item_ids, actions, *(context or {}).values()]  # context ids: integer features
+    if any(torch.is_tensor(c) for c in (*cols, lengths)):
+        values = torch.cat([_int64(c) for c in cols])
+        kjt_lengths = _int64(lengths).repeat(len(keys))
+    else:  # one copy each, straight into the KJT's buffers
+        values = torch.from_numpy(np.concatenate(cols, dtype=np.int64))
+        kjt_lengths = torch.from_numpy(np.concatenate([lengths] * len(keys), dtype=np.int64))
     return Batch(
-        features=kjt,
-        timestamps=t(timestamps),
-        num_targets=t(num_targets),
-        user_ids=t(user_ids),
-        windows=t(windows),
+        features=KeyedJaggedTensor(keys=keys, values=values, lengths=kjt_lengths),
+        timestamps=_int64(timestamps),
+        num_targets=_int64(num_targets),
+        user_ids=_int64(user_ids),
+        windows=_int64(windows),
+    )
+
+
+def filler_batch(
+    item_id: int, action: int, timestamp: int, user_id: int, window: int, context: dict[str, int]
+) -> Batch:
+    """One sequence of one real token with num_targets=0: a step with nothing to learn."""
+    one = np.ones(1, dtype=np.int64)
+    return make_batch(
+        item_ids=one * item_id,
+        actions=one * action,
+        timestamps=one * timestamp,
+        lengths=one,
+        num_targets=one * 0,
+        user_ids=one * user_id,
+        windows=one * window,
+        context={k: one * v for k, v in context.items()},
     )

@@ -1,0 +1,254 @@
+"""The stream: time order, per-rank slices in lockstep, resumable at any world size, and the
+local and Ray readers agree batch for batch."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections import Counter
+from itertools import islice
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from genrec.config import DataConfig
+from genrec.data_pipeline.batch import BadRowError, Batch
+from genrec.data_pipeline.schemas import META_FILE, sequences_schema
+from genrec.data_pipeline.stream import (
+    StreamPosition,
+    list_windows,
+    open_stream,
+    write_sequence_shards,
+)
+
+USERS = {3: 37, 5: 50, 8: 21}  # window -> rows; 50 % 8 == 2: rank 1 of 2 gets a filler
+MAX_LEN, B = 6, 4
+
+
+def make_rows(all_have_targets: bool = False, seed: int = 0) -> pa.Table:
+    """Rows in file order; item ids are unique event ids, so each target can be traced."""
+    rng = np.random.default_rng(seed)
+    d: dict[str, list] = {c: [] for c in sequences_schema(["category"]).names}
+    event = 0
+    for w, users in USERS.items():
+        for u in range(users):
+            n = int(rng.integers(1, 16))
+            h = int(rng.integers(0, n if all_have_targets else n + 1))
+            items = list(range(event, event + n))
+            event += n
+            d["user_id"].append(1000 * w + u)
+            d["window"].append(w)
+            d["item_ids"].append(items)
+            d["timestamps"].append([10 * i for i in items])
+            d["actions"].append([i % 8 for i in items])
+            d["category"].append([i % 97 for i in items])
+            d["num_history"].append(h)
+    return pa.table(d, schema=sequences_schema(["category"]))
+
+
+def all_targets(rows: pa.Table) -> list[int]:
+    return [i for it, h in zip(rows["item_ids"].to_pylist(), rows["num_history"].to_pylist())
+            for i in it[h:]]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> tuple[str, pa.Table]:
+    rows = make_rows()
+    d = str(tmp_path_factory.mktemp("prepared"))
+    write_sequence_shards(d, rows, rows_per_file=16, row_group_rows=5)  # many files/groups
+    return d, rows
+
+
+def cfg(**kw) -> DataConfig:
+    return DataConfig(**kw)
+
+
+def stream_all(c: DataConfig, d: str, world: int = 1, rank: int = 0, **kw) -> list[Batch]:
+    return list(open_stream(c, d, rank, world, B, MAX_LEN, **kw))
+
+
+def targets(batches: list[Batch]) -> list[int]:
+    out = []
+    for b in batches:
+        for seq, t in zip(torch.split(b.item_ids, b.lengths.tolist()), b.num_targets.tolist()):
+            out += seq[len(seq) - t :].tolist()
+    return out
+
+
+def row_users(batches: list[Batch]) -> list[int]:
+    """Users in stream order, one entry per row (chunks of a row are adjacent)."""
+    out: list[int] = []
+    for b in batches:
+        for u, t in zip(b.user_ids.tolist(), b.num_targets.tolist()):
+            if t and (not out or out[-1] != u):
+                out.append(u)
+    return out
+
+
+def same(a: Batch, b: Batch) -> bool:
+    return (
+        a.features.keys() == b.features.keys()
+        and torch.equal(a.features.values(), b.features.values())
+        and torch.equal(a.features.lengths(), b.features.lengths())
+        and all(
+            torch.equal(getattr(a, f), getattr(b, f))
+            for f in ("timestamps", "num_targets", "user_ids", "windows")
+        )
+    )
+
+
+def assert_same(xs: list[Batch], ys: list[Batch]) -> None:
+    assert len(xs) == len(ys)
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        assert same(x, y), f"batch {i} differs"
+
+
+def test_windows_and_position_round_trip(prepared):
+    d, _ = prepared
+    assert list_windows(d) == [3, 5, 8]
+    p = StreamPosition(5, 24)
+    assert StreamPosition.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+    with pytest.raises(ValueError, match="window"):
+        StreamPosition.from_dict({"offset": 3})
+
+
+def test_one_rank_streams_every_target_once_in_time_order(prepared):
+    d, rows = prepared
+    s = open_stream(cfg(), d, 0, 1, B, MAX_LEN)
+    assert s.windows == [3, 5, 8] and s.context == ("category",)
+    assert [s.num_batches(w) for w in s.windows] == [math.ceil(n / B) for n in USERS.values()]
+    batches = list(s)
+    assert sorted(targets(batches)) == sorted(all_targets(rows))
+    assert len(targets(batches)) == len(all_targets(rows))  # no target twice
+    windows = [b.windows.unique().tolist() for b in batches]
+    assert all(len(w) == 1 for w in windows)  # a batch never mixes windows
+    per_window = Counter(w[0] for w in windows)
+    assert [per_window[w] for w in USERS] == [math.ceil(n / B) for n in USERS.values()]
+    assert [w[0] for w in windows] == sorted(w[0] for w in windows)  # time order
+    with_targets = [u for u, it, h in zip(rows["user_id"].to_pylist(),
+                    rows["item_ids"].to_pylist(), rows["num_history"].to_pylist()) if len(it) > h]  # fmt: skip
+    assert row_users(batches) == with_targets  # file order
+    for b in batches:  # every column stays aligned with item_id
+        assert torch.equal(b.timestamps, 10 * b.item_ids)
+        assert torch.equal(b.features["category"].values(), b.item_ids % 97)
+        assert int(b.lengths.max()) <= MAX_LEN
+    assert s.position == StreamPosition(8, USERS[8])
+    assert s.stats["rows"] == rows.num_rows
+    assert s.stats["fillers"] == sum(b.is_filler for b in batches)  # steps without targets
+
+
+def test_two_ranks_lockstep_with_fillers(prepared):
+    d, rows = prepared
+    one = stream_all(cfg(), d)
+    streams = [open_stream(cfg(), d, r, 2, B, MAX_LEN) for r in range(2)]
+    runs: list[list[Batch]] = [[], []]
+    for pair in zip(*streams):  # zip stops at the shorter: check lengths after
+        for r, b in enumerate(pair):
+            runs[r].append(b)
+        assert streams[0].position == streams[1].position  # one global position
+    assert [len(r) for r in runs] == [len(list(s)) + len(runs[0]) for s in streams]
+    for w, n in USERS.items():
+        counts = [sum(int(b.windows[0]) == w for b in r) for r in runs]
+        assert counts == [math.ceil(n / (2 * B))] * 2
+    fillers = [(r, i) for r in range(2) for i, b in enumerate(runs[r]) if b.is_filler]
+    last_of_5 = max(i for i, b in enumerate(runs[1]) if int(b.windows[0]) == 5)
+    assert (1, last_of_5) in fillers  # window 5 has 50 rows: its last step has 2
+    f = runs[1][last_of_5]
+    assert f.batch_size == 1 and f.num_tokens == 1 and int(f.num_targets.sum()) == 0
+    assert int(f.windows[0]) == 5
+    # rank r holds rows [r*B, (r+1)*B) of each step: together they are the 1-rank order
+    interleaved = [b for pair in zip(*runs) for b in pair]
+    assert row_users(interleaved) == row_users(one)
+    assert sorted(targets(runs[0] + runs[1])) == sorted(all_targets(rows))
+    assert streams[0].stats["rows"] + streams[1].stats["rows"] == rows.num_rows
+
+
+@pytest.mark.parametrize("shuffle,prefetch", [(0, 2), (7, 0)])
+def test_stop_and_resume_equals_uninterrupted(prepared, shuffle, prefetch):
+    d, _ = prepared
+    c = cfg(shuffle_buffer=shuffle, prefetch_batches=prefetch)
+    full = stream_all(c, d)
+    for stop in (3, math.ceil(USERS[3] / B), len(full) - 1):  # mid-window, boundary, last
+        s = open_stream(c, d, 0, 1, B, MAX_LEN)
+        head = list(islice(iter(s), stop))
+        saved = json.loads(json.dumps(s.position.to_dict()))
+        tail = stream_all(c, d, position=StreamPosition.from_dict(saved))
+        assert_same(head + tail, full)
+        assert_same(head + list(s), full)  # the same object also continues where it stopped
+    assert not [t for t in threading.enumerate() if t.name == "genrec-stream-prefetch"]
+
+
+@pytest.mark.parametrize("shuffle", [0, 7])
+def test_two_ranks_resume_on_one(prepared, shuffle):
+    d, rows = prepared
+    c = cfg(shuffle_buffer=shuffle)
+    order = row_users(stream_all(c, d))  # the global order (world-size independent)
+    streams = [open_stream(c, d, r, 2, B, MAX_LEN) for r in range(2)]
+    steps = 7  # window 3 has 5 steps of 8 rows: stop inside window 5
+    head = [list(islice(iter(s), steps)) for s in streams]
+    assert streams[0].position == streams[1].position == StreamPosition(5, 16)
+    tail = stream_all(c, d, position=streams[0].position)
+    got = targets(head[0] + head[1] + tail)
+    assert sorted(got) == sorted(all_targets(rows)) and len(got) == len(set(got))
+    interleaved = [b for pair in zip(*head) for b in pair]
+    assert row_users(interleaved) + row_users(tail) == order
+
+
+def test_shuffle_is_deterministic_bounded_and_seeded(tmp_path):
+    rows = make_rows(all_have_targets=True, seed=1)
+    d = str(tmp_path)
+    write_sequence_shards(d, rows, rows_per_file=16, row_group_rows=5)
+    S = 7
+    file_order = row_users(stream_all(cfg(), d))
+    a = row_users(stream_all(cfg(shuffle_buffer=S, seed=3), d))
+    assert a == row_users(stream_all(cfg(shuffle_buffer=S, seed=3), d))
+    assert a != row_users(stream_all(cfg(shuffle_buffer=S, seed=4), d))
+    assert a != file_order and sorted(a) == sorted(file_order)
+    at = 0
+    for n in USERS.values():  # each block of S rows of a window is a permutation of itself
+        for lo in range(0, n, S):
+            block = slice(at + lo, at + min(lo + S, n))
+            assert sorted(a[block]) == sorted(file_order[block])
+        at += n
+
+
+def test_readers_agree_batch_for_batch(prepared, ray_local):
+    d, _ = prepared
+    for shuffle, world, position in [(0, 1, None), (7, 2, StreamPosition(3, 16))]:
+        for rank in range(world):
+            kw = dict(shuffle_buffer=shuffle)
+            local = stream_all(cfg(reader="local", **kw), d, world, rank, position=position)
+            ray_s = stream_all(cfg(reader="ray", **kw), d, world, rank, position=position)
+            assert_same(ray_s, local)
+
+
+def test_bad_rows_fail_naming_the_row_or_are_skipped(tmp_path):
+    rows = make_rows(seed=2)
+    ts = rows["timestamps"].to_pylist()
+    ts[40] = ts[40][:-1] if len(ts[40]) > 1 else ts[40] + [0]  # window 5, user 5003
+    rows = rows.set_column(3, "timestamps", pa.array(ts, pa.list_(pa.int64())))
+    d = str(tmp_path)
+    write_sequence_shards(d, rows, rows_per_file=16, row_group_rows=5)
+    with pytest.raises(BadRowError, match=r"user_id 5003.*on_bad_rows=skip"):
+        stream_all(cfg(), d)
+    s = open_stream(cfg(on_bad_rows="skip"), d, 0, 1, B, MAX_LEN)
+    got = targets(list(s))
+    want = all_targets(rows.slice(0, 40)) + all_targets(rows.slice(41))
+    assert sorted(got) == sorted(want) and s.stats["bad_rows"] == 1
+    assert s.position == StreamPosition(8, USERS[8])
+
+
+def test_missing_meta_and_unknown_windows_fail_early(tmp_path, prepared):
+    with pytest.raises(FileNotFoundError, match="genrec prepare"):
+        open_stream(cfg(), str(tmp_path), 0, 1, B, MAX_LEN)
+    d, _ = prepared
+    with pytest.raises(ValueError, match=r"windows \[4\] are not prepared"):
+        open_stream(cfg(), d, 0, 1, B, MAX_LEN, windows=[3, 4])
+    only = stream_all(cfg(windows=[8, 3]), d)
+    assert [int(b.windows[0]) for b in only] == [3] * 10 + [8] * 6
+    (tmp_path / META_FILE).write_text(json.dumps({"windows": [1]}))
+    with pytest.raises(FileNotFoundError, match="window=00001"):
+        open_stream(cfg(), str(tmp_path), 0, 1, B, MAX_LEN)
