@@ -1,0 +1,219 @@
+"""Embedding tables from config: hashed, unified and managed-collision TorchRec tables.
+
+`SparseEmbeddings` is the one module the model and trainer use. It turns a KJT of RAW ids
+into table rows on the local rank (`hash_features`), then looks the rows up in TorchRec
+collections that DistributedModelParallel may replace by sharded ones:
+
+- hashed tables: feature f goes through k seeded hashes into a fixed-size table and its
+  embedding is the sum of the k rows (k=1: the hashing trick). Hash j of f is a feature
+  of its own in the collection, named "f" (k=1) or "f#j".
+- unified embeddings (Coleman et al., 2023): several features list the same table; each
+  feature keeps its own seeds, so features share capacity but not collisions.
+- managed collision (kind="managed_collision"): TorchRec's MCH module remaps raw ids to
+  rows, keeping the most frequent ids (LFU eviction). Raw ids pass through unhashed.
+
+Hashed tables live in `ec` (an EmbeddingCollection) and managed-collision tables in
+`mc_ec` (a ManagedCollisionEmbeddingCollection); either is None when no table is of its
+kind. Both are what DMP shards. All tables share one dim (an EmbeddingCollection
+requirement); a smaller feature can live in its own table of that dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torchrec.modules.embedding_configs import EmbeddingConfig
+from torchrec.modules.embedding_modules import EmbeddingCollection
+from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingCollection
+from torchrec.modules.mc_modules import (
+    LFU_EvictionPolicy,
+    ManagedCollisionCollection,
+    MCHManagedCollisionModule,
+)
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
+
+from genrec.config import EmbeddingsConfig, TableConfig
+from genrec.embeddings.hashing import check_hash_version, feature_seed, hash_ids
+
+MC_EVICTION_INTERVAL = 1  # MCH eviction every training step (in forward while training)
+
+
+def hash_keys(feature: str, num_hashes: int) -> list[str]:
+    """Collection feature names of `feature`'s k hashes."""
+    return [feature] if num_hashes == 1 else [f"{feature}#{j}" for j in range(num_hashes)]
+
+
+def _validate(cfg: EmbeddingsConfig) -> None:
+    check_hash_version(cfg.hash_version)
+    if not cfg.tables:
+        raise ValueError("embeddings.tables is empty: configure at least one table")
+    dims = {t.dim for t in cfg.tables}
+    if len(dims) > 1:
+        raise ValueError(
+            "embeddings.tables: every table needs the same dim (a TorchRec EmbeddingCollection "
+            f"returns sequence embeddings of one width), got dims {sorted(dims)}"
+        )
+    names: set[str] = set()
+    seen: dict[str, str] = {}
+    for i, t in enumerate(cfg.tables):
+        where = f"embeddings.tables[{i}] ({t.name!r})"
+        if t.name in names:
+            raise ValueError(f"{where}: duplicate table name; table names must be unique")
+        names.add(t.name)
+        if t.num_embeddings <= 0 or t.dim <= 0 or t.dim % 4:
+            raise ValueError(
+                f"{where}: num_embeddings must be > 0 and dim a positive multiple of 4 "
+                f"(FBGEMM kernels), got {t.num_embeddings} x {t.dim}"
+            )
+        if t.num_hashes < 1:
+            raise ValueError(f"{where}: num_hashes must be >= 1, got {t.num_hashes}")
+        if t.kind == "managed_collision" and t.num_hashes != 1:
+            raise ValueError(f"{where}: managed_collision tables take num_hashes: 1")
+        if not t.features:
+            raise ValueError(f"{where}: features is empty; list the features it embeds")
+        for f in t.features:
+            if f in seen:
+                raise ValueError(
+                    f"{where}: feature {f!r} is already embedded by table {seen[f]!r}; "
+                    "a feature belongs to exactly one table"
+                )
+            seen[f] = t.name
+
+
+def _embedding_config(t: TableConfig) -> EmbeddingConfig:
+    # uniform init scaled so the sum of k rows has per-coordinate std ~ 1/sqrt(dim)
+    bound = math.sqrt(3.0 / t.dim) / math.sqrt(t.num_hashes)
+    keys = [k for f in t.features for k in hash_keys(f, t.num_hashes)]
+    return EmbeddingConfig(
+        name=t.name,
+        embedding_dim=t.dim,
+        num_embeddings=t.num_embeddings,
+        feature_names=keys,
+        weight_init_min=-bound,
+        weight_init_max=bound,
+    )
+
+
+class SparseEmbeddings(torch.nn.Module):
+    """Raw-id KJT -> per-feature jagged embeddings over hashed/unified/MC tables."""
+
+    def __init__(
+        self,
+        cfg: EmbeddingsConfig,
+        device: torch.device | None = None,
+        mc_buckets: int | None = None,
+    ) -> None:
+        """`mc_buckets`: buckets of MCH tables, a multiple of the world size for row-wise
+        sharding (None: the process group's world size, 1 without one)."""
+        super().__init__()
+        if mc_buckets is None:
+            mc_buckets = dist.get_world_size() if dist.is_initialized() else 1
+        _validate(cfg)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        self.cfg = cfg
+        self._table_of: dict[str, TableConfig] = {f: t for t in cfg.tables for f in t.features}
+        hashed = [t for t in cfg.tables if t.kind == "hashed"]
+        managed = [t for t in cfg.tables if t.kind == "managed_collision"]
+        # collection feature order: hashed tables' keys, then managed tables' keys
+        self._ec_keys = [k for t in hashed for f in t.features for k in hash_keys(f, t.num_hashes)]
+        self._mc_keys = [f for t in managed for f in t.features]
+        self._seeds = {
+            k: feature_seed(f, j, cfg.hash_version)
+            for t in hashed
+            for f in t.features
+            for j, k in enumerate(hash_keys(f, t.num_hashes))
+        }
+        self.ec: EmbeddingCollection | None = None
+        self.mc_ec: ManagedCollisionEmbeddingCollection | None = None
+        if hashed:
+            self.ec = EmbeddingCollection(
+                tables=[_embedding_config(t) for t in hashed], device=device
+            )
+        if managed:
+            mc_tables = EmbeddingCollection(
+                tables=[_embedding_config(t) for t in managed], device=device
+            )
+            modules = {
+                t.name: MCHManagedCollisionModule(
+                    zch_size=t.num_embeddings,
+                    device=device,
+                    eviction_policy=LFU_EvictionPolicy(),
+                    eviction_interval=MC_EVICTION_INTERVAL,
+                    buckets=mc_buckets,
+                )
+                for t in managed
+            }
+            mcc = ManagedCollisionCollection(modules, mc_tables.embedding_configs())
+            self.mc_ec = ManagedCollisionEmbeddingCollection(mc_tables, mcc)
+
+    @property
+    def features(self) -> list[str]:
+        return list(self._table_of)
+
+    def feature_dim(self, feature: str) -> int:
+        if feature not in self._table_of:
+            raise KeyError(f"feature {feature!r} is not in embeddings.tables ({self.features})")
+        return self._table_of[feature].dim
+
+    def hash_features(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """Raw ids -> table rows, keyed by collection feature (all of them, in order).
+
+        Configured features missing from `kjt` get zero lengths (sharded collections want
+        every key); keys that no table embeds (e.g. "action") are not looked up.
+        """
+        jts = kjt.to_dict()
+        stride = kjt.stride()
+        empty_lengths = torch.zeros(stride, dtype=torch.int32, device=kjt.values().device)
+        values: list[torch.Tensor] = []
+        lengths: list[torch.Tensor] = []
+        for key in self._ec_keys + self._mc_keys:
+            feature = key.split("#", 1)[0]
+            jt = jts.get(feature)
+            if jt is None:
+                lengths.append(empty_lengths)
+                continue
+            ids = jt.values()
+            if key in self._seeds:
+                ids = hash_ids(ids, self._seeds[key], self._table_of[feature].num_embeddings)
+            values.append(ids.to(torch.int64))
+            lengths.append(jt.lengths().to(torch.int32))
+        device = kjt.values().device
+        return KeyedJaggedTensor(
+            keys=self._ec_keys + self._mc_keys,
+            values=torch.cat(values)
+            if values
+            else torch.zeros(0, dtype=torch.int64, device=device),
+            lengths=torch.cat(lengths),
+            stride=stride,
+        )
+
+    def forward(self, kjt: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+        rows = self.hash_features(kjt)
+        parts: list[KeyedJaggedTensor] = (
+            rows.split([len(self._ec_keys), len(self._mc_keys)])
+            if self.ec is not None and self.mc_ec is not None
+            else [rows]
+        )
+        looked_up: dict[str, torch.Tensor] = {}
+        if self.ec is not None:
+            out = self.ec(parts[0])
+            for key in self._ec_keys:
+                looked_up[key] = out[key].values()
+        if self.mc_ec is not None:
+            out, _ = self.mc_ec(parts[-1])
+            for key in self._mc_keys:
+                looked_up[key] = out[key].values()
+        result: dict[str, JaggedTensor] = {}
+        for feature in kjt.keys():
+            table = self._table_of.get(feature)
+            if table is None:
+                continue
+            keys = hash_keys(feature, table.num_hashes) if table.kind == "hashed" else [feature]
+            emb = looked_up[keys[0]]
+            for key in keys[1:]:
+                emb = emb + looked_up[key]
+            jt = kjt[feature]
+            result[feature] = JaggedTensor(values=emb, lengths=jt.lengths(), offsets=jt.offsets())
+        return result

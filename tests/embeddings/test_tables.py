@@ -1,0 +1,130 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from genrec.config import EmbeddingsConfig, TableConfig
+from genrec.embeddings.hashing import feature_seed, hash_ids
+from genrec.embeddings.tables import SparseEmbeddings
+
+
+def _cfg(**mc) -> EmbeddingsConfig:
+    tables = [
+        TableConfig(
+            name="item", num_embeddings=97, dim=8, features=["item_id", "brand"], num_hashes=3
+        ),
+        TableConfig(name="user", num_embeddings=31, dim=8, features=["user_id"]),
+    ]
+    if mc:
+        tables.append(
+            TableConfig(
+                name="cat",
+                num_embeddings=16,
+                dim=8,
+                features=["category"],
+                kind="managed_collision",
+            )
+        )
+    return EmbeddingsConfig(tables=tables)
+
+
+def _kjt() -> KeyedJaggedTensor:
+    # 3 sequences; keys with different per-key lengths; "action" is not embedded
+    return KeyedJaggedTensor(
+        keys=["user_id", "item_id", "action"],
+        values=torch.tensor([10**15, 5, 6, 7, 8, 9, 11, -3, 1, 2, 3, 4]),
+        lengths=torch.tensor([1, 0, 1, 3, 2, 2, 0, 1, 2]),
+    )
+
+
+def test_k_hashes_are_summed_rows_and_unified_features_use_own_seeds():
+    torch.manual_seed(0)
+    m = SparseEmbeddings(_cfg())
+    kjt = _kjt()
+    out = m(kjt)
+    assert sorted(out) == ["item_id", "user_id"]
+    w_item = m.ec.embeddings["item"].weight.detach()
+    w_user = m.ec.embeddings["user"].weight.detach()
+    ids = kjt["item_id"].values()
+    want = sum(w_item[hash_ids(ids, feature_seed("item_id", j), 97)] for j in range(3))
+    torch.testing.assert_close(out["item_id"].values(), want)
+    assert torch.equal(out["item_id"].lengths(), torch.tensor([3, 2, 2]))
+    uids = kjt["user_id"].values()
+    torch.testing.assert_close(
+        out["user_id"].values(), w_user[hash_ids(uids, feature_seed("user_id", 0), 31)]
+    )
+    assert torch.equal(out["user_id"].offsets(), torch.tensor([0, 1, 1, 2]))
+    # the same raw id under another feature of the unified table lands elsewhere
+    brand = m(KeyedJaggedTensor(keys=["brand"], values=ids, lengths=torch.tensor([7])))["brand"]
+    assert not torch.allclose(brand.values(), want)
+
+
+def test_hash_features_emits_every_key_with_zero_lengths_for_missing():
+    m = SparseEmbeddings(_cfg())
+    rows = m.hash_features(_kjt())
+    assert rows.keys() == [
+        "item_id#0",
+        "item_id#1",
+        "item_id#2",
+        "brand#0",
+        "brand#1",
+        "brand#2",
+        "user_id",
+    ]
+    assert rows.stride() == 3
+    assert rows["brand#1"].lengths().tolist() == [0, 0, 0]
+    assert (
+        rows["item_id#2"].values().tolist()
+        == hash_ids(_kjt()["item_id"].values(), feature_seed("item_id", 2), 97).tolist()
+    )
+    assert int(rows.values().max()) < 97 and int(rows.values().min()) >= 0
+    assert m.feature_dim("brand") == 8
+
+
+def test_gradients_flow_to_every_hashed_row():
+    m = SparseEmbeddings(_cfg())
+    out = m(_kjt())
+    (out["item_id"].values().sum() + out["user_id"].values().sum()).backward()
+    grad = m.ec.embeddings["item"].weight.grad
+    rows = m.hash_features(_kjt())
+    used = torch.cat([rows[f"item_id#{j}"].values() for j in range(3)]).unique()
+    assert torch.equal(grad.abs().sum(1).nonzero().flatten(), used)
+
+
+def test_managed_collision_table_unsharded():
+    m = SparseEmbeddings(_cfg(mc=True))
+    m.train()
+    kjt = KeyedJaggedTensor(
+        keys=["category", "item_id"],
+        values=torch.tensor([5, 5, 9, 123456789, 1, 2]),
+        lengths=torch.tensor([2, 2, 1, 1]),
+    )
+    out = m(kjt)
+    assert out["category"].values().shape == (4, 8)
+    assert torch.equal(out["category"].lengths(), torch.tensor([2, 2]))
+    # the same raw id maps to the same managed row: identical embeddings
+    torch.testing.assert_close(out["category"].values()[0], out["category"].values()[1])
+
+
+def test_meta_device_and_validation():
+    m = SparseEmbeddings(_cfg(mc=True), device=torch.device("meta"))
+    assert m.ec.embeddings["item"].weight.is_meta
+    bad = EmbeddingsConfig(
+        tables=[TableConfig(name="a", features=["x"]), TableConfig(name="b", features=["x"])]
+    )
+    with pytest.raises(ValueError, match="feature 'x' is already embedded by table 'a'"):
+        SparseEmbeddings(bad)
+    with pytest.raises(ValueError, match="same dim"):
+        SparseEmbeddings(
+            EmbeddingsConfig(
+                tables=[
+                    TableConfig(name="a", dim=8, features=["x"]),
+                    TableConfig(name="b", dim=16, features=["y"]),
+                ]
+            )
+        )
+    with pytest.raises(ValueError, match="hash_version"):
+        SparseEmbeddings(EmbeddingsConfig(hash_version=9))
+    with pytest.raises(KeyError, match="nope"):
+        SparseEmbeddings(_cfg()).feature_dim("nope")
