@@ -1,0 +1,166 @@
+"""Bounded load test of the serving endpoint: N requests at concurrency C over 127.0.0.1.
+
+    python benchmarks/bench_serve.py --requests 2000 --concurrency 16 [--no-aot]
+    python benchmarks/bench_serve.py --artifact artifacts/x   # serve an existing export
+
+Without --artifact it builds a fresh small HSTU retriever (untrained weights: latency does
+not depend on them), writes a one-process checkpoint and an item catalog into a temp dir,
+exports it (AOTInductor unless --no-aot) and serves it with Ray Serve. Histories are random
+catalog ids with increasing timestamps. Prints ONE JSON line: p50/p99 latency, throughput,
+error count. Progress goes to stderr; nothing is written into the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def log(msg: str) -> None:
+    print(f"[bench_serve] {msg}", file=sys.stderr, flush=True)
+
+
+def make_artifact(work: Path, items: int, max_len: int, aot: bool) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from genrec.config import Config, TableConfig, to_dict
+    from genrec.deploy.export import export
+    from genrec.models.build import build_model
+    from genrec.trainer.checkpoint import save_checkpoint
+
+    cfg = Config()
+    cfg.data.prepared_dir = str(work / "prepared")
+    cfg.embeddings.tables = [TableConfig(name="item", num_embeddings=4 * items, dim=64)]
+    cfg.model.max_len, cfg.model.dropout = max_len, 0.0
+    Path(cfg.data.prepared_dir).mkdir(parents=True)
+    catalog = np.arange(1, items + 1, dtype=np.int64) * 7
+    pq.write_table(pa.table({"item_id": catalog}), work / "prepared" / "items.parquet")
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    state = {"step": 0, "world_size": 1, "config": to_dict(cfg), "position": None}
+    ckpt = save_checkpoint(work / "run", 0, {"model": model.state_dict()}, state, {})
+    export(str(ckpt), str(work / "artifact"), compile_aot=aot)
+    return work / "artifact"
+
+
+async def load(url: str, bodies: list[dict], concurrency: int) -> tuple[list[float], int, float]:
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    queue = list(reversed(bodies))
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal errors
+        while queue:
+            body = queue.pop()
+            t0 = time.perf_counter()
+            try:
+                r = await client.post(f"{url}/recommend", json=body)
+                ok = r.status_code == 200 and len(r.json()["item_ids"]) == body["k"]
+            except httpx.HTTPError:
+                ok = False
+            latencies.append(time.perf_counter() - t0)
+            errors += 0 if ok else 1
+
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(timeout=60.0, limits=limits) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return latencies, errors, wall
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--requests", type=int, default=2000)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--artifact", default="", help="serve this artifact instead of a fresh one")
+    p.add_argument("--no-aot", action="store_true", help="export without AOTInductor (faster)")
+    p.add_argument("--items", type=int, default=5000)
+    p.add_argument("--history", type=int, default=30, help="events per request")
+    p.add_argument("--max-len", type=int, default=50)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+
+    from genrec.deploy.artifact import read_manifest
+    from genrec.deploy.serve import serve
+    from genrec.trainer.distributed import free_port
+
+    # Ray's log monitor prints to fd 1; keep stdout for the one JSON line
+    stdout_fd = os.dup(1)
+    os.dup2(2, 1)
+    with tempfile.TemporaryDirectory(prefix="genrec-bench-serve-") as tmp:
+        t0 = time.perf_counter()
+        if args.artifact:
+            artifact = Path(args.artifact)
+        else:
+            log(f"exporting a fresh model ({args.items} items, aot={not args.no_aot})")
+            artifact = make_artifact(Path(tmp), args.items, args.max_len, not args.no_aot)
+        export_s = time.perf_counter() - t0
+        manifest = read_manifest(artifact)
+        catalog = np.arange(1, args.items + 1, dtype=np.int64) * 7
+        rng = np.random.default_rng(args.seed)
+        n_hist = min(args.history, manifest["feature_spec"]["max_history"])
+        bodies = [
+            {
+                "history": rng.choice(catalog, n_hist).tolist(),
+                "timestamps": np.cumsum(rng.integers(1, 3600, n_hist)).tolist(),
+                "k": args.k,
+            }
+            for _ in range(args.requests + args.warmup)
+        ]
+        log("starting Ray Serve")
+        handle = serve(str(artifact), port=free_port(), blocking=False)
+        try:
+            log(
+                f"warmup {args.warmup}, then {args.requests} requests at concurrency "
+                f"{args.concurrency} against {handle.url}"
+            )
+            asyncio.run(load(handle.url, bodies[: args.warmup], args.concurrency))
+            lat, errors, wall = asyncio.run(
+                load(handle.url, bodies[args.warmup :], args.concurrency)
+            )
+        finally:
+            handle.shutdown()
+    sys.stdout.flush()
+    os.dup2(stdout_fd, 1)
+    ms = np.array(lat) * 1000.0
+    print(
+        json.dumps(
+            {
+                "bench": "serve",
+                "requests": args.requests,
+                "concurrency": args.concurrency,
+                "history": n_hist,
+                "k": args.k,
+                "items": manifest["index"]["items"],
+                "index": manifest["index"]["kind"],
+                "compiled_aot": manifest["compiled"],
+                "p50_ms": round(float(np.percentile(ms, 50)), 2),
+                "p99_ms": round(float(np.percentile(ms, 99)), 2),
+                "mean_ms": round(float(ms.mean()), 2),
+                "throughput_rps": round(args.requests / wall, 1),
+                "errors": errors,
+                "export_s": round(export_s, 1),
+                "cpus": os.cpu_count(),
+            }
+        )
+    )
+    return 0 if errors == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""A serving artifact on disk: manifest, checksums, and the runtime that answers queries.
+
+    ARTIFACT/manifest.json               written last; sha256 of every other file
+    ARTIFACT/user_encoder.pt2            torch.export program (no-compile fallback)
+    ARTIFACT/user_encoder.aoti.pt2       AOTInductor package of it (when compiled)
+    ARTIFACT/ranker.pt2 / .aoti.pt2      ranking models only
+    ARTIFACT/model.safetensors           the full unsharded state dict (eager rebuilds)
+    ARTIFACT/items.safetensors           item_ids int64 [N], embeddings float32 [N, D]
+    ARTIFACT/index.json (+ index.faiss)  item index kind and search parameters
+
+`Artifact.load` verifies every checksum before anything is deserialized, so a corrupted or
+edited file fails with its name. The runtime hashes raw ids in numpy with the manifest's
+seeds (the same hash as training), pads, and calls the AOTInductor program (or, without
+one, the exported program).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from genrec.config import Config, from_dict
+from genrec.data_pipeline.batch import ITEM_KEY
+from genrec.deploy.index import ItemIndex
+from genrec.deploy.programs import item_rows_np, pad_histories
+from genrec.embeddings.hashing import check_hash_version
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+ENCODER = "user_encoder"
+RANKER = "ranker"
+ITEMS = "items.safetensors"
+WEIGHTS = "model.safetensors"
+
+
+class ArtifactError(ValueError):
+    """An artifact directory that is missing, corrupted, or from an incompatible export."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_entries(directory: Path, names: list[str]) -> dict[str, dict]:
+    return {
+        n: {"sha256": sha256_file(directory / n), "bytes": (directory / n).stat().st_size}
+        for n in sorted(names)
+    }
+
+
+def read_manifest(directory: str | Path, verify: bool = True) -> dict:
+    """The manifest, after checking every listed file's sha256 (fails naming the file)."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(
+            f"{directory} is not a genrec artifact (no {MANIFEST}); run genrec export"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e}); re-export the artifact") from e
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path}: format_version {manifest.get('format_version')} but this genrec reads "
+            f"{FORMAT_VERSION}; re-export with this release"
+        )
+    check_hash_version(int(manifest["hashing"]["version"]))
+    if verify:
+        for name, entry in manifest["files"].items():
+            f = directory / name
+            if not f.is_file():
+                raise ArtifactError(f"{f}: listed in {MANIFEST} but missing; re-export")
+            digest = sha256_file(f)
+            if digest != entry["sha256"]:
+                raise ArtifactError(
+                    f"{f}: checksum mismatch (sha256 {digest[:16]}..., manifest says "
+                    f"{entry['sha256'][:16]}...): the file is corrupted or was changed; re-export"
+                )
+    return manifest
+
+
+def _load_program(directory: Path, stem: str, manifest: dict, prefer_aot: bool):
+    aot = f"{stem}.aoti.pt2"
+    if prefer_aot and aot in manifest["files"]:
+        return torch._inductor.aoti_load_package(str(directory / aot)), "aoti"
+    plain = f"{stem}.pt2"
+    return torch.export.load(str(directory / plain)).module(), "export"
+
+
+@dataclass
+class Recommendation:
+    ids: np.ndarray  # int64 [k'] (misses dropped)
+    scores: np.ndarray  # float32 [k']
+
+
+class Artifact:
+    """Loaded artifact: `encode`, `recommend` (retrieval) and `rank` (ranking)."""
+
+    def __init__(self, directory: str | Path, prefer_aot: bool = True, verify: bool = True):
+        self.dir = Path(directory)
+        self.manifest = read_manifest(self.dir, verify=verify)
+        self.cfg: Config = from_dict(self.manifest["config"])
+        self.task: str = self.manifest["task"]
+        self.item_hashing = self.manifest["hashing"]["features"][ITEM_KEY]
+        self.max_len = int(self.manifest["feature_spec"]["max_len"])
+        self.encoder = self.ranker = None
+        self.index: ItemIndex | None = None
+        self.backend = None
+        if self.task == "retrieval":
+            from safetensors.numpy import load_file
+
+            self.encoder, self.backend = _load_program(self.dir, ENCODER, self.manifest, prefer_aot)
+            items = load_file(str(self.dir / ITEMS))
+            self.index = ItemIndex.load(self.dir, items["item_ids"], items["embeddings"])
+        else:
+            self.ranker, self.backend = _load_program(self.dir, RANKER, self.manifest, prefer_aot)
+            self.tasks: list[str] = list(self.manifest["ranking"]["tasks"])
+            self.regression: list[bool] = list(self.manifest["ranking"]["regression"])
+
+    @property
+    def limits(self):
+        return self.cfg.deploy
+
+    def _inputs(self, histories, timestamps, actions):
+        hs = [np.asarray(h, dtype=np.int64) for h in histories]
+        ts = [
+            np.zeros(len(h), np.int64) if t is None else np.asarray(t, np.int64)
+            for h, t in zip(hs, timestamps or [None] * len(hs))
+        ]
+        acts = [
+            np.zeros(len(h), np.int64) if a is None else np.asarray(a, np.int64)
+            for h, a in zip(hs, actions or [None] * len(hs))
+        ]
+        return pad_histories(hs, ts, acts, self.max_len, self.item_hashing)
+
+    @torch.no_grad()
+    def encode(self, histories, timestamps=None, actions=None) -> torch.Tensor:
+        """[B, D] normalized user states after each history's last event."""
+        if self.encoder is None:
+            raise ArtifactError(f"{self.dir}: a {self.task} artifact has no user encoder")
+        return self.encoder(*self._inputs(histories, timestamps, actions))
+
+    def recommend(
+        self, histories, k: int, timestamps=None, actions=None, exclude_history: bool = True
+    ) -> list[Recommendation]:
+        states = self.encode(histories, timestamps, actions)
+        exclude = [set(map(int, h)) for h in histories] if exclude_history else None
+        ids, scores = self.index.search(states, k, exclude)
+        keep = ids >= 0
+        return [Recommendation(ids[b][keep[b]], scores[b][keep[b]]) for b in range(len(ids))]
+
+    @torch.no_grad()
+    def rank(self, histories, candidates, timestamps=None, actions=None) -> list[dict]:
+        """Per request {task: [score per candidate]}: sigmoid for BCE tasks, raw regression."""
+        if self.ranker is None:
+            raise ArtifactError(f"{self.dir}: a {self.task} artifact has no ranker")
+        rows, act, ts, lens = self._inputs(histories, timestamps, actions)
+        C = max(len(c) for c in candidates)
+        cand = np.zeros((len(candidates), C), dtype=np.int64)
+        for b, c in enumerate(candidates):
+            cand[b, : len(c)] = c
+            cand[b, len(c) :] = c[-1]  # padding candidates are scored and dropped
+        last_ts = ts[torch.arange(len(lens)), lens - 1]
+        cand_rows = torch.from_numpy(item_rows_np(cand, self.item_hashing))
+        logits = self.ranker(
+            rows, act, ts, lens, cand_rows, last_ts[:, None].expand(-1, C).contiguous()
+        )
+        out = []
+        for b, c in enumerate(candidates):
+            lb = logits[b, : len(c)]
+            out.append(
+                {
+                    t: (lb[:, j] if reg else torch.sigmoid(lb[:, j])).tolist()
+                    for j, (t, reg) in enumerate(zip(self.tasks, self.regression))
+                }
+            )
+        return out

@@ -1,0 +1,101 @@
+"""Request bodies of the serving endpoints, and their validation with field-naming errors.
+
+Pydantic checks the shape (unknown fields, non-integer or negative ids, ids beyond int64);
+`check_*` checks what depends on the artifact (deploy.max_history, deploy.max_k, the
+model's action codes, aligned list lengths). Every failure is a `RequestError` whose
+message starts with the offending field, e.g. "history[3]: Input should be a valid integer".
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
+
+from genrec.config import DeployConfig
+
+INT64_MAX = (1 << 63) - 1
+RawId = Annotated[StrictInt, Field(ge=0, le=INT64_MAX)]
+Timestamp = Annotated[StrictInt, Field(ge=0, le=INT64_MAX)]
+Action = Annotated[StrictInt, Field(ge=0, le=INT64_MAX)]
+
+
+class RequestError(ValueError):
+    """A bad request: `status` is the HTTP code, the message names the field."""
+
+    def __init__(self, field: str, message: str, status: int = 422) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field, self.status = field, status
+
+
+class _History(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    history: list[RawId]
+    timestamps: list[Timestamp] | None = None
+    actions: list[Action] | None = None
+
+
+class RecommendRequest(_History):
+    k: StrictInt
+    exclude_history: StrictBool = True
+
+
+class RankRequest(_History):
+    candidates: list[RawId]
+
+
+def _field_name(loc: tuple) -> str:
+    name = ""
+    for part in loc:
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+    return name or "body"
+
+
+def parse(model: type[BaseModel], body: bytes) -> BaseModel:
+    """Validate a JSON body; the first error becomes a RequestError naming its field."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        if err["type"] == "json_invalid":
+            raise RequestError("body", f"not valid JSON ({err['msg']})", status=400) from None
+        more = f" (and {e.error_count() - 1} more errors)" if e.error_count() > 1 else ""
+        raise RequestError(_field_name(err["loc"]), err["msg"] + more) from None
+
+
+def _check_history(req: _History, limits: DeployConfig, num_actions: int) -> None:
+    n = len(req.history)
+    if n == 0:
+        raise RequestError("history", "is empty; send at least one raw item id")
+    if n > limits.max_history:
+        raise RequestError(
+            "history", f"has {n} ids, more than deploy.max_history={limits.max_history}"
+        )
+    for name in ("timestamps", "actions"):
+        values = getattr(req, name)
+        if values is not None and len(values) != n:
+            raise RequestError(
+                name, f"has {len(values)} entries but history has {n}; send one per event"
+            )
+    if req.actions is not None:
+        for i, a in enumerate(req.actions):
+            if a >= num_actions:
+                raise RequestError(f"actions[{i}]", f"action code {a} is not in [0, {num_actions})")
+
+
+def check_recommend(req: RecommendRequest, limits: DeployConfig, num_actions: int) -> None:
+    _check_history(req, limits, num_actions)
+    if not 1 <= req.k <= limits.max_k:
+        raise RequestError("k", f"must be in [1, {limits.max_k}] (deploy.max_k), got {req.k}")
+
+
+def check_rank(req: RankRequest, limits: DeployConfig, num_actions: int) -> None:
+    _check_history(req, limits, num_actions)
+    if not req.candidates:
+        raise RequestError("candidates", "is empty; send at least one raw item id to score")
+    if len(req.candidates) > limits.max_k:
+        raise RequestError(
+            "candidates",
+            f"has {len(req.candidates)} ids, more than deploy.max_k={limits.max_k}",
+        )
