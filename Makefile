@@ -23,7 +23,7 @@ run: setup
 
 test: setup
 	$(BIN)/ruff check genrec tests benchmarks
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 lint: setup
 	$(BIN)/ruff check genrec tests benchmarks

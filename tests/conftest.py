@@ -14,9 +14,9 @@ SHARED_DATA = Path(os.environ.get("GENREC_DATA_DIR", ROOT.parent / "shared" / "d
 @pytest.fixture(scope="session")
 def ray_local():
     """A local Ray for the whole test session (2 logical CPUs, small object store)."""
-    from genrec.ray_runtime import init_ray
-
     import ray
+
+    from genrec.ray_runtime import init_ray
 
     started = init_ray(num_cpus=4, object_store_mb=128)
     try:

@@ -11,7 +11,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.model_parallel import (
+    DefaultDataParallelWrapper,
+    DistributedModelParallel,
+)
 from torchrec.distributed.types import ShardingEnv
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
@@ -21,19 +24,26 @@ from genrec.sharding_plans.planner import build_plan, sharders
 from genrec.trainer.distributed import DistContext
 
 
+def _materialize_state(opt: KeyedOptimizerWrapper, params: list[torch.nn.Parameter]) -> None:
+    """Create AdamW's lazy state for every dense parameter up front, weights untouched.
+
+    Fresh and resumed runs then hold the same state structure (DCP loads in place and
+    needs every key; a parameter that never got a gradient would otherwise have none).
+    """
+    with torch.no_grad():
+        saved = [p.detach().clone() for p in params]
+        opt.init_state()
+        for p, s in zip(params, saved):
+            p.copy_(s)
+            p.grad = None
+
+
 @dataclass
 class Assembled:
     model: DistributedModelParallel
     optimizer: CombinedOptimizer
+    dense_optimizer: KeyedOptimizerWrapper
     dense_params: list[torch.nn.Parameter]
-
-
-def _fused_param_ids(dmp: DistributedModelParallel) -> set[int]:
-    ids = set()
-    for group in dmp.fused_optimizer.param_groups:
-        for p in group["params"]:
-            ids.add(id(p))
-    return ids
 
 
 def assemble(cfg: Config, ctx: DistContext) -> Assembled:
@@ -46,14 +56,23 @@ def assemble(cfg: Config, ctx: DistContext) -> Assembled:
         device=ctx.device,
         plan=plan,
         sharders=sharders(cfg),
+        # static_graph=True (TorchRec's default) left dense gradients un-averaged across
+        # gloo ranks when a step leaves some parameter unused (e.g. context-token types),
+        # so replicas drifted apart; the trainer checks replicas agree at every window end.
+        data_parallel_wrapper=DefaultDataParallelWrapper(
+            static_graph=False, find_unused_parameters=True
+        ),
     )
-    fused = _fused_param_ids(dmp)
-    dense = {n: p for n, p in dmp.named_parameters() if id(p) not in fused and p.requires_grad}
+    # sharded tables update inside their fused kernels; their named parameters are views
+    # (TableBatchedEmbeddingSlice) that must never reach AdamW, so filter by name
+    fused = set(dmp.fused_optimizer.params)
+    dense = {n: p for n, p in dmp.named_parameters() if n not in fused and p.requires_grad}
     dense_opt = KeyedOptimizerWrapper(
         dense,
         lambda params: torch.optim.AdamW(
             params, lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay
         ),
     )
+    _materialize_state(dense_opt, list(dense.values()))
     optimizer = CombinedOptimizer([("sparse", dmp.fused_optimizer), ("dense", dense_opt)])
-    return Assembled(dmp, optimizer, list(dense.values()))
+    return Assembled(dmp, optimizer, dense_opt, list(dense.values()))

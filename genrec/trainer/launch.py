@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -25,8 +26,23 @@ def _prepare_run_dir(cfg: Config) -> None:
     (run / "config.yaml").write_text(dump_config(cfg))
 
 
+def quiet_library_warnings() -> None:
+    """Deprecation chatter from torchrec/torch internals that users cannot act on."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torchrec\.")
+    warnings.filterwarnings("ignore", message=r".*is_fx_tracing.*")
+    import logging
+
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+
+
 def _local_worker(rank: int, cfg_dict: dict, world_size: int, port: int, resume: bool) -> None:
     from genrec.trainer.loop import run_worker
+
+    quiet_library_warnings()
+    # one process per core at most: OpenMP threads of co-located ranks otherwise spin-wait
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
 
     cfg = from_dict(cfg_dict)
     ctx = init_distributed(

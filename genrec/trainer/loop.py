@@ -40,7 +40,7 @@ def load_catalog(prepared_dir: str | Path) -> torch.Tensor:
             f"{path} is missing: run `genrec prepare` on the raw data first "
             f"(it writes the item catalog beside the sequence shards)"
         )
-    ids = torch.from_numpy(pq.read_table(path, columns=["item_id"]).column(0).to_numpy())
+    ids = torch.as_tensor(pq.read_table(path, columns=["item_id"]).column(0).to_numpy().copy())
     return torch.sort(ids.to(torch.int64)).values
 
 
@@ -57,11 +57,8 @@ class StreamTrainer:
         self.run_dir = Path(cfg.trainer.run_dir)
         self.catalog = load_catalog(cfg.data.prepared_dir)
         parts = assemble(cfg, ctx)
-        self.model, self.optimizer, self.dense_params = (
-            parts.model,
-            parts.optimizer,
-            parts.dense_params,
-        )
+        self.model, self.optimizer = parts.model, parts.optimizer
+        self.dense_optimizer, self.dense_params = parts.dense_optimizer, parts.dense_params
         fc = cfg.embeddings.frequency
         self.sketch = CountMinSketch(fc.depth, fc.width, conservative=False, seed=cfg.trainer.seed)
         self.sketch_delta = CountMinSketch(
@@ -70,6 +67,7 @@ class StreamTrainer:
         self.popular = PopularitySampler(capacity=65536, seed=cfg.trainer.seed)
         self.baseline = PopularityBaseline(self.catalog)
         self.step = 0
+        self._saved_step = -1
         self.position: StreamPosition | None = None
         self.history: list[dict] = []  # per-window rows, for the summary table
         self.logger = MetricsLogger(self.run_dir, enabled=ctx.is_main)
@@ -84,9 +82,13 @@ class StreamTrainer:
         return {"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        out = {f"sketch.{k}": v for k, v in self.sketch.state_dict().items()}
-        out.update({f"popular.{k}": v for k, v in self.popular.state_dict().items()})
-        out.update({f"sketch_delta.{k}": v for k, v in self.sketch_delta.state_dict().items()})
+        out = {}
+        for prefix, obj in (
+            ("sketch", self.sketch),
+            ("sketch_delta", self.sketch_delta),
+            ("popular", self.popular),
+        ):
+            out.update({f"{prefix}.{k}": torch.as_tensor(v) for k, v in obj.state_dict().items()})
         out["baseline.counts"] = self.baseline.counts
         out["baseline.delta"] = self.baseline.delta
         return out
@@ -99,6 +101,7 @@ class StreamTrainer:
             "history": self.history,
             "config": to_dict(self.cfg),
         }
+        self._saved_step = self.step
         return ckpt.save_checkpoint(
             self.run_dir,
             self.step,
@@ -109,7 +112,6 @@ class StreamTrainer:
         )
 
     def restore(self, path: Path) -> None:
-        self.optimizer.init_state()  # materialize optimizer state so DCP can fill it
         app = self._app_state()
         ckpt.load_sharded(path, app)
         self.model.load_state_dict(app["model"])
@@ -127,16 +129,17 @@ class StreamTrainer:
         self.popular.load_state_dict(part("popular"))
         self.baseline.counts.copy_(tensors["baseline.counts"])
         self.baseline.delta.copy_(tensors["baseline.delta"])
-        self.step = int(state["step"])
+        self.step = self._saved_step = int(state["step"])
         self.position = StreamPosition.from_dict(state["position"]) if state["position"] else None
         self.history = list(state.get("history", []))
 
     # ------------------------------------------------------------------ steps
     def _sync_frequencies(self) -> None:
-        delta = self.sketch_delta.state_dict()["counts"].clone()
-        all_reduce_(delta)
-        self.sketch.add_counts_(delta)
-        self.sketch_delta.reset_()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            self.sketch_delta.all_reduce_()
+        self.sketch.merge_(self.sketch_delta)
+        self.sketch_delta.counters.zero_()
+        self.sketch_delta.total.zero_()
         self.baseline.sync()
 
     @torch.no_grad()
@@ -187,11 +190,24 @@ class StreamTrainer:
         return loss
 
     def _merged_sketch(self) -> CountMinSketch:
-        merged = self.sketch.copy()
-        merged.add_counts_(self.sketch_delta.state_dict()["counts"])
-        return merged
+        s = self.sketch
+        merged = CountMinSketch(s.depth, s.width, conservative=False, seed=s.seed)
+        return merged.merge_(s).merge_(self.sketch_delta)
+
+    def check_replicas(self) -> None:
+        """Dense parameters are data-parallel: every rank must hold the same values."""
+        with torch.no_grad():
+            total = torch.stack([p.detach().double().sum() for p in self.dense_params]).sum()
+        lo = all_reduce_(total.clone().cpu(), dist.ReduceOp.MIN)
+        hi = all_reduce_(total.clone().cpu(), dist.ReduceOp.MAX)
+        if not torch.isclose(lo, hi, rtol=1e-9, atol=1e-9):
+            raise RuntimeError(
+                f"dense replicas diverged across ranks (param sums {float(lo)} vs {float(hi)}): "
+                "gradients are not being averaged; check the data-parallel wrapper"
+            )
 
     def _end_window(self, window: int, metrics: WindowMetrics, t_window: float) -> dict:
+        self.check_replicas()
         self._sync_frequencies()
         row = {"window": window, **metrics.reduce(), "seconds": time.time() - t_window}
         self.history.append(row)
@@ -280,6 +296,8 @@ class StreamTrainer:
                 bar.set_postfix(window=window, loss=f"{loss:.3f}")
             if every and self.step % every == 0:
                 self.save()
+        if self.step != self._saved_step:  # stopped by max_steps: leave a checkpoint there
+            self.save()
         if bar is not None:
             bar.close()
         self.logger.close()

@@ -41,17 +41,18 @@ class NegativeSampler:
         self.sketch = sketch
         self.popular = popular
 
-    def log_q(self, ids: torch.Tensor) -> torch.Tensor:
+    def log_q(self, ids: torch.Tensor, f_uniform: float, f_pop: float) -> torch.Tensor:
         """log of the mixture probability of drawing each id."""
-        q = torch.full(
-            ids.shape, self.f_uniform / max(1, self.catalog.numel()), dtype=torch.float64
-        )
-        if self.f_pop > 0 and self.sketch.total > 0:
-            q = q + self.f_pop * self.sketch.estimate(ids).double() / float(self.sketch.total)
+        q = torch.full(ids.shape, f_uniform / max(1, self.catalog.numel()), dtype=torch.float64)
+        total = float(self.sketch.total)
+        if f_pop > 0 and total > 0:
+            q = q + f_pop * self.sketch.estimate(ids).double() / total
         return q.clamp_min(1e-30).log().float()
 
     def sample(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        n_pop = int(round(self.num * self.f_pop)) if len(self.popular) > 0 else 0
+        usable = self.popular.filled > 0 and float(self.sketch.total) > 0
+        f_pop = self.f_pop if usable else 0.0  # nothing seen yet: all negatives uniform
+        n_pop = int(round(self.num * f_pop))
         n_uni = self.num - n_pop
         parts = []
         if n_uni > 0:
@@ -59,4 +60,4 @@ class NegativeSampler:
         if n_pop > 0:
             parts.append(self.popular.sample(n_pop, generator=g))
         ids = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
-        return ids, self.log_q(ids)
+        return ids, self.log_q(ids, 1.0 - f_pop, f_pop)
