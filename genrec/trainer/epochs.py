@@ -31,7 +31,10 @@ KS = (5, 10)
 
 def read_user_sequences(prepared_dir: str | Path) -> pa.Table:
     """All rows of a prepared directory, one per user (windows concatenated in order)."""
-    table = ds.dataset(str(prepared_dir), format="parquet", partitioning="hive").to_table(
+    files = sorted(str(p) for p in Path(prepared_dir).glob("window=*/*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{prepared_dir} holds no window=*/part-*.parquet shards")
+    table = ds.dataset(files, format="parquet").to_table(
         columns=["user_id", "window", "item_ids", "timestamps", "actions", "num_history"]
     )
     if table.num_rows != len(pc.unique(table.column("user_id"))):
