@@ -13,21 +13,10 @@ import math
 import torch
 
 from genrec.data_pipeline.batch import Batch
+from genrec.models.retrieval import target_events
 from genrec.trainer.distributed import all_reduce_
 
 FIELDS = ("count", "model_hr", "model_ndcg", "pop_hr", "pop_ndcg", "loss_sum", "loss_n")
-
-
-def target_positions(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(flat token index of each target, its sequence row); targets without history skipped."""
-    lengths = batch.lengths
-    offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
-    first = torch.clamp(lengths - batch.num_targets, min=1)  # local index of first target
-    n = torch.clamp(lengths - first, min=0)
-    rows = torch.repeat_interleave(torch.arange(lengths.numel()), n)
-    start = torch.repeat_interleave(offsets[:-1] + first, n)
-    within = torch.arange(int(n.sum())) - torch.repeat_interleave(n.cumsum(0) - n, n)
-    return start + within, rows
 
 
 def hits_and_ndcg(topk: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
@@ -52,7 +41,7 @@ class PopularityBaseline:
         return torch.where(self.catalog[idx] == ids, idx, torch.full_like(idx, -1))
 
     def top_k(self, batch: Batch, k: int, exclude_history: bool, max_len: int) -> torch.Tensor:
-        pos, rows = target_positions(batch)
+        pos, rows = target_events(batch)
         m = min(self.catalog.numel(), k + (max_len if exclude_history else 0))
         # ties broken by catalog order so the baseline is deterministic
         cand = torch.topk(self.counts + self.delta, m).indices
