@@ -49,6 +49,7 @@ from genrec.deploy.programs import (
     hashing_spec,
 )
 from genrec.models.build import build_model
+from genrec.trainer.checkpoint import latest_checkpoint
 
 MAX_EXPORT_BATCH = 4096
 ITEM_BLOCK = 65536
@@ -163,12 +164,22 @@ def export(
 ) -> dict:
     """Write the serving artifact of `checkpoint` into `out`; returns the manifest."""
     t_start = time.time()
+    if (Path(checkpoint) / "checkpoints").is_dir():  # a run directory: take its latest
+        latest = latest_checkpoint(checkpoint)
+        if latest is None:
+            raise FileNotFoundError(f"{checkpoint} is a run directory without checkpoints")
+        checkpoint = str(latest)
     model, cfg, state = load_checkpoint_model(checkpoint)
     log(f"loaded {checkpoint} (step {state.get('step')}, world size {state.get('world_size')})")
     dest = Path(out)
-    if dest.exists():
+    if dest.exists() and any(dest.iterdir()):
+        if not (dest / "manifest.json").is_file():
+            raise FileExistsError(
+                f"--out {dest} exists and is not a genrec artifact; choose an empty or new "
+                "directory (an existing artifact there is replaced)"
+            )
         shutil.rmtree(dest)
-    dest.mkdir(parents=True)
+    dest.mkdir(parents=True, exist_ok=True)
     files: list[str] = []
     extra: dict = {}
     if cfg.model.task == "retrieval":

@@ -5,7 +5,13 @@
 
 Inputs are jagged: sequence b owns rows offsets[b]:offsets[b+1] of q/k/v ([T, H, D]).
 For a sequence of n tokens, a_ij = SiLU(<q_i, k_j> + rab_pos + rab_time) / N if allowed(i, j)
-else 0, and out_i = sum_j a_ij v_j (no softmax, no 1/sqrt(d)). See notes/attention_spec.md.
+else 0, and out_i = sum_j a_ij v_j (no softmax, no 1/sqrt(d)). The contract every backend
+meets (i, j local to the sequence):
+- allowed(i, j) = j <= i (causal). Target-aware (num_targets given, h = n - num_targets[b]):
+  allowed(i, j) = (j <= i and j < h) or i == j: candidates see the history and themselves.
+- position p_i = i, but candidates share p_i = h; rab_pos = pos_bias[min(p_i - p_j, P - 1)];
+  rab_time = time_bias[time_bucket(ts_i - ts_j)]; both shared across heads.
+- N = n (norm="length") or the given constant; gradients reach q, k, v and both bias tables.
 
 The reference never pads the batch to max_seq_len: sequences are grouped by similar length
 (buckets at 2^k and 1.5 * 2^k), each group is padded only to its own longest sequence and

@@ -456,7 +456,7 @@ def triton_hstu_attention(
     num_targets: torch.Tensor | None = None,
     norm: str | float = "length",
 ) -> torch.Tensor:
-    """Jagged causal / target-aware HSTU attention, [T, H, Dv]; see notes/attention_spec.md."""
+    """Jagged causal / target-aware HSTU attention, [T, H, Dv]; same contract as genrec.models.attention."""
     _check_inputs(q, k, v, offsets, max_seq_len, timestamps, pos_bias, time_bias, num_targets, norm)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     return _HSTUAttention.apply(
