@@ -154,3 +154,13 @@ def test_checkpoint_reshards_2_to_1_and_1_to_2(runs):
         for k, v in expected.items():
             key = k if k in got else "_dmp_wrapped_module." + k
             torch.testing.assert_close(got[key], v, rtol=0, atol=0, msg=k)
+
+
+def test_plot_writes_curves(runs):
+    from genrec.trainer.plot import plot_run
+
+    paths = plot_run(runs / "full")
+    names = {p.name for p in paths}
+    assert {"loss.png", "throughput.png", "input_stall.png", "window_metrics.png"} <= names
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
