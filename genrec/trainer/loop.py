@@ -269,6 +269,8 @@ class StreamTrainer:
                 break
             window = b_window
             position_after = stream.position
+            if self.ctx.device.type == "cuda":  # page-locked host copy: async H2D transfer
+                batch = batch.pin_memory()
             batch = batch.to(self.ctx.device, non_blocking=True)
             t1 = time.perf_counter()
             limit = self.cfg.trainer.eval_batches
@@ -296,6 +298,7 @@ class StreamTrainer:
                 bar.set_postfix(window=window, loss=f"{loss:.3f}")
             if every and self.step % every == 0:
                 self.save()
+        stream.close()
         if self.step != self._saved_step:  # stopped by max_steps: leave a checkpoint there
             self.save()
         if bar is not None:
