@@ -75,7 +75,7 @@ def _item_table(model: nn.Module, cfg: Config) -> torch.Tensor:
             f"export: table {table.name!r} is managed_collision; only hashed item tables can be "
             "exported (the MCH remapping is stateful); use kind: hashed for serving models"
         )
-    return model.sparse.ec.embeddings[table.name].weight.detach().clone()
+    return model.sparse.table_weight(table.name).detach().clone()
 
 
 def check_exportable(cfg: Config) -> None:

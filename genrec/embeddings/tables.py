@@ -14,8 +14,14 @@ collections that DistributedModelParallel may replace by sharded ones:
 
 Hashed tables live in `ec` (an EmbeddingCollection) and managed-collision tables in
 `mc_ec` (a ManagedCollisionEmbeddingCollection); either is None when no table is of its
-kind. Both are what DMP shards. All tables share one dim (an EmbeddingCollection
-requirement); a smaller feature can live in its own table of that dim.
+kind. Both are what DMP shards. Hashed tables named in `replicated` (their sharding
+strategy is data_parallel, see `genrec.sharding_plans.strategies.replicated_tables`) are
+NOT in `ec`: they are plain `ReplicatedTable` modules in `replicated`, which DMP's
+data-parallel wrapper (DDP) replicates and whose gradients it averages across ranks; the
+trainer's dense optimizer updates them. Same hashing, same k-row sum, same init bounds as
+in `ec`, on every device (TorchRec's own DP sharding of an EmbeddingCollection needs the
+dense kernel, whose CPU lookup pools sequence embeddings). All tables share one dim (an
+EmbeddingCollection requirement); a smaller feature can live in its own table of that dim.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import math
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingCollection
@@ -34,7 +41,7 @@ from torchrec.modules.mc_modules import (
 )
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from genrec.config import EmbeddingsConfig, TableConfig
+from genrec.config import Config, EmbeddingsConfig, TableConfig
 from genrec.embeddings.hashing import check_hash_version, feature_seed, hash_ids
 
 MC_EVICTION_INTERVAL = 1  # MCH eviction every training step (in forward while training)
@@ -82,9 +89,13 @@ def _validate(cfg: EmbeddingsConfig) -> None:
             seen[f] = t.name
 
 
+def _init_bound(t: TableConfig) -> float:
+    """Uniform init bound: the sum of k rows has per-coordinate std ~ 1/sqrt(dim)."""
+    return math.sqrt(3.0 / t.dim) / math.sqrt(t.num_hashes)
+
+
 def _embedding_config(t: TableConfig) -> EmbeddingConfig:
-    # uniform init scaled so the sum of k rows has per-coordinate std ~ 1/sqrt(dim)
-    bound = math.sqrt(3.0 / t.dim) / math.sqrt(t.num_hashes)
+    bound = _init_bound(t)
     keys = [k for f in t.features for k in hash_keys(f, t.num_hashes)]
     return EmbeddingConfig(
         name=t.name,
@@ -96,6 +107,28 @@ def _embedding_config(t: TableConfig) -> EmbeddingConfig:
     )
 
 
+class ReplicatedTable(torch.nn.Module):
+    """A data-parallel table: one full fp32 weight per rank, dense gradients (DDP averages).
+
+    `reset_parameters` draws the same uniform init as the EC path, also when DMP
+    materializes a meta-device model (it calls reset_parameters on modules it allocates).
+    """
+
+    def __init__(self, t: TableConfig, device: torch.device) -> None:
+        super().__init__()
+        self.bound = _init_bound(t)
+        self.weight = torch.nn.Parameter(torch.empty(t.num_embeddings, t.dim, device=device))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            with torch.no_grad():
+                self.weight.uniform_(-self.bound, self.bound)
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return F.embedding(rows, self.weight)
+
+
 class SparseEmbeddings(torch.nn.Module):
     """Raw-id KJT -> per-feature jagged embeddings over hashed/unified/MC tables."""
 
@@ -104,9 +137,12 @@ class SparseEmbeddings(torch.nn.Module):
         cfg: EmbeddingsConfig,
         device: torch.device | None = None,
         mc_buckets: int | None = None,
+        replicated: list[str] | tuple[str, ...] = (),
     ) -> None:
         """`mc_buckets`: buckets of MCH tables, a multiple of the world size for row-wise
-        sharding (None: the process group's world size, 1 without one)."""
+        sharding (None: the process group's world size, 1 without one). `replicated`:
+        hashed tables held as data-parallel `ReplicatedTable`s instead of in `ec` (use
+        `from_config`, which reads them from the sharding config)."""
         super().__init__()
         if mc_buckets is None:
             mc_buckets = dist.get_world_size() if dist.is_initialized() else 1
@@ -114,17 +150,28 @@ class SparseEmbeddings(torch.nn.Module):
         device = torch.device(device) if device is not None else torch.device("cpu")
         self.cfg = cfg
         self._table_of: dict[str, TableConfig] = {f: t for t in cfg.tables for f in t.features}
-        hashed = [t for t in cfg.tables if t.kind == "hashed"]
+        by_name = {t.name: t for t in cfg.tables}
+        for name in replicated:
+            if name not in by_name or by_name[name].kind != "hashed":
+                raise ValueError(
+                    f"replicated (data_parallel) table {name!r}: not a hashed table of "
+                    f"embeddings.tables ({sorted(by_name)}); managed_collision tables shard "
+                    "row_wise only"
+                )
+        hashed = [t for t in cfg.tables if t.kind == "hashed" and t.name not in replicated]
+        dp = [t for t in cfg.tables if t.name in replicated]
         managed = [t for t in cfg.tables if t.kind == "managed_collision"]
-        # collection feature order: hashed tables' keys, then managed tables' keys
+        # row-KJT key order: EC tables' keys, replicated tables' keys, managed tables' keys
         self._ec_keys = [k for t in hashed for f in t.features for k in hash_keys(f, t.num_hashes)]
+        self._dp_keys = [k for t in dp for f in t.features for k in hash_keys(f, t.num_hashes)]
         self._mc_keys = [f for t in managed for f in t.features]
         self._seeds = {
             k: feature_seed(f, j, cfg.hash_version)
-            for t in hashed
+            for t in hashed + dp
             for f in t.features
             for j, k in enumerate(hash_keys(f, t.num_hashes))
         }
+        self.replicated = torch.nn.ModuleDict({t.name: ReplicatedTable(t, device) for t in dp})
         self.ec: EmbeddingCollection | None = None
         self.mc_ec: ManagedCollisionEmbeddingCollection | None = None
         if hashed:
@@ -148,6 +195,21 @@ class SparseEmbeddings(torch.nn.Module):
             mcc = ManagedCollisionCollection(modules, mc_tables.embedding_configs())
             self.mc_ec = ManagedCollisionEmbeddingCollection(mc_tables, mcc)
 
+    @classmethod
+    def from_config(cls, cfg: Config, device: torch.device | None = None) -> SparseEmbeddings:
+        """The model's embeddings: data_parallel tables (sharding config) replicated."""
+        from genrec.sharding_plans.strategies import replicated_tables
+
+        return cls(cfg.embeddings, device=device, replicated=replicated_tables(cfg))
+
+    def table_weight(self, name: str) -> torch.Tensor:
+        """The full weight of a hashed table of an UNSHARDED module (export, tests)."""
+        if name in self.replicated:
+            return self.replicated[name].weight
+        if self.ec is not None and name in self.ec.embeddings:
+            return self.ec.embeddings[name].weight
+        raise KeyError(f"no hashed table {name!r} (replicated or in ec)")
+
     @property
     def features(self) -> list[str]:
         return list(self._table_of)
@@ -168,7 +230,8 @@ class SparseEmbeddings(torch.nn.Module):
         empty_lengths = torch.zeros(stride, dtype=torch.int32, device=kjt.values().device)
         values: list[torch.Tensor] = []
         lengths: list[torch.Tensor] = []
-        for key in self._ec_keys + self._mc_keys:
+        keys = self._ec_keys + self._dp_keys + self._mc_keys
+        for key in keys:
             feature = key.split("#", 1)[0]
             jt = jts.get(feature)
             if jt is None:
@@ -181,7 +244,7 @@ class SparseEmbeddings(torch.nn.Module):
             lengths.append(jt.lengths().to(torch.int32))
         device = kjt.values().device
         return KeyedJaggedTensor(
-            keys=self._ec_keys + self._mc_keys,
+            keys=keys,
             values=torch.cat(values)
             if values
             else torch.zeros(0, dtype=torch.int64, device=device),
@@ -191,19 +254,25 @@ class SparseEmbeddings(torch.nn.Module):
 
     def forward(self, kjt: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
         rows = self.hash_features(kjt)
-        parts: list[KeyedJaggedTensor] = (
-            rows.split([len(self._ec_keys), len(self._mc_keys)])
-            if self.ec is not None and self.mc_ec is not None
-            else [rows]
-        )
+        groups = [
+            (name, keys)
+            for name, keys in (("ec", self._ec_keys), ("dp", self._dp_keys), ("mc", self._mc_keys))
+            if keys
+        ]
+        parts = rows.split([len(keys) for _, keys in groups]) if len(groups) > 1 else [rows]
         looked_up: dict[str, torch.Tensor] = {}
-        if self.ec is not None:
-            out = self.ec(parts[0])
-            for key in self._ec_keys:
-                looked_up[key] = out[key].values()
-        if self.mc_ec is not None:
-            out, _ = self.mc_ec(parts[-1])
-            for key in self._mc_keys:
+        for (name, keys), part in zip(groups, parts):
+            if name == "ec":
+                out = self.ec(part)
+            elif name == "mc":
+                out, _ = self.mc_ec(part)
+            else:
+                ids = part.to_dict()
+                for key in keys:
+                    table = self._table_of[key.split("#", 1)[0]].name
+                    looked_up[key] = self.replicated[table](ids[key].values())
+                continue
+            for key in keys:
                 looked_up[key] = out[key].values()
         result: dict[str, JaggedTensor] = {}
         for feature in kjt.keys():

@@ -82,7 +82,7 @@ class HSTURanking(nn.Module):
             )
         self.weights = list(rc.task_weights) or [1.0] * len(self.tasks)
         self.regression = [t in rc.regression_tasks for t in self.tasks]
-        self.sparse = SparseEmbeddings(cfg.embeddings)
+        self.sparse = SparseEmbeddings.from_config(cfg)
         self.features = [ITEM_KEY, *cfg.model.user_feature_tokens]
         context_dims = {f: self.sparse.feature_dim(f) for f in cfg.model.user_feature_tokens}
         self.tokens = TokenBuilder(cfg.model, self.sparse.feature_dim(ITEM_KEY), context_dims)

@@ -80,7 +80,7 @@ class HSTURetrieval(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.rcfg = cfg.model.retrieval
-        self.sparse = SparseEmbeddings(cfg.embeddings)
+        self.sparse = SparseEmbeddings.from_config(cfg)
         self.features = [ITEM_KEY, *cfg.model.user_feature_tokens]
         context_dims = {f: self.sparse.feature_dim(f) for f in cfg.model.user_feature_tokens}
         self.tokens = TokenBuilder(cfg.model, self.sparse.feature_dim(ITEM_KEY), context_dims)

@@ -6,7 +6,10 @@
 Named strategies are placed explicitly (strategies.py); "auto" runs TorchRec's
 EmbeddingShardingPlanner on the configured topology with per-table ParameterConstraints
 (allowed sharding types and kernels; overrides pin a table's type). Planning reads only
-shapes, so a model on the meta device plans a cluster that is not here.
+shapes, so a model on the meta device plans a cluster that is not here. data_parallel
+tables are not in the plan: SparseEmbeddings replicates them (DDP), and `describe_plan`
+and `rank_memory` list them from the config. A model whose tables are all data_parallel
+gets an empty plan (DMP then only wraps it in DDP).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from genrec.sharding_plans.strategies import (
     check_supported,
     compute_kernel,
     explicit_plan,
+    replicated_tables,
 )
 from genrec.sharding_plans.topology import GIB, local_world_size, topology_from_config
 
@@ -89,7 +93,9 @@ def embedding_modules(module: torch.nn.Module) -> dict[str, list[TableShape]]:
             TableShape(c.name, c.num_embeddings, c.embedding_dim, len(c.feature_names), managed)
             for c in configs
         ]
-    if not found:
+    from genrec.embeddings.tables import SparseEmbeddings
+
+    if not found and not any(isinstance(m, SparseEmbeddings) for m in module.modules()):
         raise ValueError("the module holds no EmbeddingCollection to shard (no SparseEmbeddings)")
     return found
 
@@ -136,6 +142,8 @@ def build_plan(
         _check_loaded(plan, modules, world_size, cfg.sharding.plan_file)
         return plan
     local = local_world_size(world_size, cfg.sharding.topology.hosts)
+    if not modules:  # every table is replicated (data_parallel): nothing to shard
+        return ShardingPlan({})
     if cfg.sharding.strategy == "auto":
         planner = EmbeddingShardingPlanner(
             topology=topology_from_config(cfg, world_size, device),
@@ -257,6 +265,10 @@ def rank_memory(plan: ShardingPlan, cfg: Config, world_size: int) -> list[float]
     dims = {t.name: (t.num_embeddings, t.dim) for t in cfg.embeddings.tables}
     mem = [0.0] * world_size
     factor = _STATE_PER_WEIGHT[cfg.trainer.sparse_optimizer]
+    for name in replicated_tables(cfg):  # a full replica + AdamW's 2 moments on every rank
+        rows, dim = dims[name]
+        for r in range(world_size):
+            mem[r] += 3 * 4.0 * rows * dim
     for tables in plan.plan.values():
         for name, ps in tables.items():
             if ps.sharding_spec is None:  # data parallel: a full replica + AdamW's 2 moments
@@ -294,6 +306,15 @@ def describe_plan(
                 lines.append(f"      ... {len(shards) - 4} more shards of the same form")
     if cfg is not None:
         world = world_size or cfg.sharding.topology.world_size
+        replicated = replicated_tables(cfg)
+        if replicated:
+            lines.append("replicated tables (plain modules; DDP averages grads; dense AdamW)")
+            rank_txt = f"0..{world - 1}" if world > 4 else str(list(range(world)))
+            for name in replicated:
+                lines.append(
+                    f"  {name:<16} {'data_parallel':<14} kernel={'ddp':<10} "
+                    f"ranks={rank_txt} ({world})"
+                )
         mem = rank_memory(plan, cfg, world)
         cap = cfg.sharding.topology.hbm_gb
         lines.append(
@@ -313,7 +334,10 @@ def plan_command(cfg: Config, save: str = "") -> int:
 
     topo = cfg.sharding.topology
     module = SparseEmbeddings(
-        cfg.embeddings, device=torch.device("meta"), mc_buckets=topo.world_size
+        cfg.embeddings,
+        device=torch.device("meta"),
+        mc_buckets=topo.world_size,
+        replicated=replicated_tables(cfg),
     )
     plan = build_plan(cfg, module, world_size=topo.world_size, device_type=topo.device)
     print(

@@ -6,13 +6,20 @@
     table_row_wise  rows split over the ranks of one host
     data_parallel   replicated on every rank, gradients all-reduced (small tables)
 
+data_parallel tables (the named strategy, or a per-table override, also under "auto") are
+not planned here: `replicated_tables(cfg)` names them, SparseEmbeddings holds them as plain
+replicated modules outside the EmbeddingCollection, DMP's DDP wrapper averages their
+gradients and the trainer's dense optimizer updates them, the same on every device.
+("auto" may still let TorchRec's planner pick its own DP sharding on CUDA.)
+
 What TorchRec 1.8 / fbgemm-gpu 1.8 can run for an EmbeddingCollection (sequence, i.e.
 unpooled embeddings), found by running them, and enforced here with a message:
 
 - table_wise, row_wise, column_wise: the "fused" kernel (TBE with the optimizer fused
   into backward) works on CPU and CUDA; "dense" is not offered for them by the EC sharder.
-- data_parallel: only the "dense" kernel, and on CPU fbgemm's dense lookup ignores
-  PoolingMode.NONE and returns pooled rows [B, D], so it is refused on CPU (CUDA only).
+- TorchRec's data_parallel: only the "dense" kernel, and on CPU fbgemm's dense lookup
+  ignores PoolingMode.NONE and returns pooled rows [B, D]: the reason DP tables live
+  outside the EC (a DP table found inside the EC is refused, naming the fix).
 - table_row_wise: the EC sharder has no TWRW sequence sharding. With one host it is the
   same placement as row_wise, and is planned as row_wise shards; over several hosts it
   would need zero-row shards off the host, which the CPU TBE rejects: refused.
@@ -57,7 +64,7 @@ class TableShape:
 
 def table_strategies(cfg: Config, tables: list[TableShape]) -> dict[str, str]:
     """Strategy per table: cfg.sharding.strategy, overridden by cfg.sharding.overrides."""
-    names = {t.name for t in tables}
+    names = {t.name for t in tables} | {t.name for t in cfg.embeddings.tables}
     for table, strategy in cfg.sharding.overrides.items():
         if table not in names:
             raise ValueError(
@@ -77,6 +84,37 @@ def table_strategies(cfg: Config, tables: list[TableShape]) -> dict[str, str]:
     return out
 
 
+def config_shapes(cfg: Config) -> list[TableShape]:
+    """TableShapes of cfg.embeddings.tables (no module needed)."""
+    return [
+        TableShape(
+            t.name,
+            t.num_embeddings,
+            t.dim,
+            len(t.features) * (t.num_hashes if t.kind == "hashed" else 1),
+            t.kind == "managed_collision",
+        )
+        for t in cfg.embeddings.tables
+    ]
+
+
+def replicated_tables(cfg: Config) -> list[str]:
+    """Tables whose resolved strategy is data_parallel: SparseEmbeddings replicates them."""
+    shapes = config_shapes(cfg)
+    strategies = table_strategies(cfg, shapes)
+    out = []
+    for t in shapes:
+        if strategies[t.name] != "data_parallel":
+            continue
+        if t.managed:
+            raise ValueError(
+                f"table {t.name!r}: sharding strategy 'data_parallel': managed_collision "
+                "tables shard row_wise only"
+            )
+        out.append(t.name)
+    return out
+
+
 def check_supported(table: TableShape, strategy: str, device: str, local: int, world: int) -> None:
     """Fail early, naming the table, for what TorchRec/FBGEMM cannot run (module docstring)."""
     where = f"table {table.name!r}: sharding strategy {strategy!r}"
@@ -87,10 +125,12 @@ def check_supported(table: TableShape, strategy: str, device: str, local: int, w
             f"table {table.name!r}: sharded managed_collision tables do not train on CPU "
             "(fbgemm::reset_weight_momentum has no CPU kernel); use kind: hashed on CPU"
         )
-    if strategy == "data_parallel" and device == "cpu":
+    if strategy == "data_parallel":
         raise ValueError(
-            f"{where} does not run on CPU: fbgemm-gpu-cpu's dense lookup pools sequence "
-            "embeddings; use table_wise for small tables on CPU (data_parallel is CUDA only)"
+            f"{where}, but the table is inside the EmbeddingCollection: genrec replicates "
+            "data_parallel tables outside it (TorchRec's dense DP lookup pools sequence "
+            "embeddings on CPU); build the module with SparseEmbeddings.from_config(cfg), "
+            "i.e. replicated=replicated_tables(cfg)"
         )
     if strategy == "table_row_wise" and local != world:
         raise ValueError(
@@ -139,7 +179,10 @@ def _spec(shards: list[tuple[list[int], list[int], int]], device: str, local: in
 def explicit_plan(
     cfg: Config, tables: list[TableShape], world: int, local: int, device: str, loads: list[float]
 ) -> EmbeddingModuleShardingPlan:
-    """Shardings of one module's tables; `loads` (bytes per rank) is updated in place."""
+    """Shardings of one module's tables; `loads` (bytes per rank) is updated in place.
+
+    Replicated (data_parallel) tables are outside the module and load every rank equally,
+    so they do not change where the sharded tables go."""
     strategies = table_strategies(cfg, tables)
     plan = EmbeddingModuleShardingPlan()
     for t in sorted(tables, key=lambda t: -t.rows * t.dim):  # big tables placed first
@@ -147,14 +190,6 @@ def explicit_plan(
         check_supported(t, strategy, device, local, world)
         kernel = compute_kernel(cfg, strategy, device)
         param = torch.empty(t.rows, t.dim, device="meta")
-        nbytes = 4.0 * t.rows * t.dim
-        if strategy == "data_parallel":
-            plan[t.name] = ParameterSharding(
-                sharding_type=STRATEGIES[strategy], compute_kernel=kernel, ranks=list(range(world))
-            )
-            for r in range(world):
-                loads[r] += nbytes
-            continue
         if strategy == "table_wise":
             rank = min(range(world), key=lambda r: loads[r])
             shards = [([t.rows, t.dim], [0, 0], rank)]

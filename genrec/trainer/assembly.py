@@ -66,7 +66,12 @@ def assemble(cfg: Config, ctx: DistContext) -> Assembled:
     # sharded tables update inside their fused kernels; their named parameters are views
     # (TableBatchedEmbeddingSlice) that must never reach AdamW, so filter by name
     fused = set(dmp.fused_optimizer.params)
-    dense = {n: p for n, p in dmp.named_parameters() if n not in fused and p.requires_grad}
+    # (table_wise also yields empty placeholders for tables held by other ranks: skip them)
+    dense = {
+        n: p
+        for n, p in dmp.named_parameters()
+        if n not in fused and p.requires_grad and p.numel() > 0
+    }
     dense_opt = KeyedOptimizerWrapper(
         dense,
         lambda params: torch.optim.AdamW(

@@ -128,3 +128,55 @@ def test_meta_device_and_validation():
         SparseEmbeddings(EmbeddingsConfig(hash_version=9))
     with pytest.raises(KeyError, match="nope"):
         SparseEmbeddings(_cfg()).feature_dim("nope")
+
+
+def test_replicated_tables_match_the_collection_path():
+    """data_parallel tables: plain modules outside `ec`, same rows, sums, init and grads."""
+    from genrec.config import Config
+    from genrec.sharding_plans.strategies import replicated_tables
+
+    cfg = Config()
+    cfg.embeddings = _cfg(mc=True)
+    cfg.sharding.overrides = {"item": "data_parallel"}
+    assert replicated_tables(cfg) == ["item"]
+    torch.manual_seed(0)
+    ec_only = SparseEmbeddings(cfg.embeddings)
+    mixed = SparseEmbeddings.from_config(cfg)
+    assert sorted(mixed.ec.embeddings) == ["user"] and list(mixed.replicated) == ["item"]
+    assert "replicated.item.weight" in mixed.state_dict()
+    with torch.no_grad():
+        mixed.table_weight("item").copy_(ec_only.table_weight("item"))
+        mixed.table_weight("user").copy_(ec_only.table_weight("user"))
+        mixed.mc_ec.load_state_dict(ec_only.mc_ec.state_dict())
+    # the row KJT keeps every key (export compares it with numpy hashing)
+    assert sorted(mixed.hash_features(_kjt()).keys()) == sorted(
+        ec_only.hash_features(_kjt()).keys()
+    )
+    kjt = KeyedJaggedTensor(
+        keys=["user_id", "item_id", "category", "brand"],
+        values=torch.tensor([10**15, 5, 6, 7, 8, 9, 11, -3, 1, 2, 3, 4, 5, 6]),
+        lengths=torch.tensor([1, 0, 1, 3, 2, 2, 0, 1, 2, 1, 0, 1]),
+    )
+    mixed.eval()  # no MCH eviction: both MC modules stay identical
+    ec_only.eval()
+    got, want = mixed(kjt), ec_only(kjt)
+    assert sorted(got) == sorted(want) == ["brand", "category", "item_id", "user_id"]
+    for f in want:
+        assert torch.equal(got[f].values(), want[f].values()), f
+        assert torch.equal(got[f].offsets(), want[f].offsets()), f
+    sum(v.values().sum() * (i + 1) for i, v in enumerate(got.values())).backward()
+    sum(v.values().sum() * (i + 1) for i, v in enumerate(want.values())).backward()
+    torch.testing.assert_close(
+        mixed.table_weight("item").grad, ec_only.table_weight("item").grad, rtol=0, atol=1e-6
+    )
+    # meta -> real as DMP does it: reset_parameters draws the EC path's uniform bound
+    meta = SparseEmbeddings.from_config(cfg, device=torch.device("meta"))
+    table = meta.replicated["item"]
+    table.weight = torch.nn.Parameter(torch.empty_like(table.weight, device="cpu"))
+    table.reset_parameters()
+    w = table.weight.detach()
+    bound = (3.0 / 8) ** 0.5 / 3**0.5
+    assert float(w.abs().max()) <= bound and float(w.std()) > bound / 3
+    cfg.sharding.overrides = {"cat": "data_parallel"}
+    with pytest.raises(ValueError, match="managed_collision tables shard row_wise only"):
+        replicated_tables(cfg)

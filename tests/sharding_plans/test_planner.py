@@ -15,6 +15,7 @@ from genrec.sharding_plans.planner import (
     load_plan,
     plan_command,
     plan_to_dict,
+    rank_memory,
     save_plan,
     sharders,
 )
@@ -40,7 +41,7 @@ def _cfg(strategy: str, world: int = 2, device: str = "cpu", hosts: int = 1) -> 
 
 
 def _plan(cfg: Config):
-    module = SparseEmbeddings(cfg.embeddings, device=torch.device("meta"))
+    module = SparseEmbeddings.from_config(cfg, device=torch.device("meta"))
     return build_plan(cfg, module)
 
 
@@ -81,8 +82,10 @@ def test_overrides_and_cpu_limits_fail_early():
     cfg.sharding.overrides = {"nosuch": "row_wise"}
     with pytest.raises(ValueError, match="nosuch"):
         _plan(cfg)
-    with pytest.raises(ValueError, match="data_parallel is CUDA only"):
-        _plan(_cfg("data_parallel"))
+    # data_parallel tables are replicated outside the EC; one left inside is refused
+    with pytest.raises(ValueError, match="replicated=replicated_tables"):
+        dp_cfg = _cfg("data_parallel")
+        build_plan(dp_cfg, SparseEmbeddings(dp_cfg.embeddings, device=torch.device("meta")))
     with pytest.raises(ValueError, match="no table-row-wise sequence sharding"):
         _plan(_cfg("table_row_wise", world=4, hosts=2))
     mc = _cfg("row_wise")
@@ -96,8 +99,17 @@ def test_overrides_and_cpu_limits_fail_early():
     plan = _plan(mc).plan
     assert plan["mc_ec"]["cat"].sharding_type == "row_wise"
     assert plan["ec"]["item"].sharding_type == "table_wise"
-    dp = _plan(_cfg("data_parallel", world=4, device="cuda")).plan["ec"]["tiny"]
-    assert dp.compute_kernel == "dense" and dp.ranks == [0, 1, 2, 3] and dp.sharding_spec is None
+    for device in ("cpu", "cuda"):  # the same on every device: nothing left to shard
+        dp_cfg = _cfg("data_parallel", world=4, device=device)
+        dp = _plan(dp_cfg)
+        assert dp.plan == {}
+        text = describe_plan(dp, dp_cfg, 4)
+        assert (
+            len(re.findall(r"^  \w+ +data_parallel +kernel=ddp +ranks=\[0, 1, 2, 3\]", text, re.M))
+            == 3
+        )
+        # full replica + AdamW's two moments of every table on every rank
+        assert rank_memory(dp, dp_cfg, 4) == [3 * 4.0 * (1000 + 501 + 10) * 64] * 4
 
 
 def test_plan_file_roundtrip_and_validation(tmp_path):
@@ -112,12 +124,15 @@ def test_plan_file_roundtrip_and_validation(tmp_path):
     assert plan_to_dict(_plan(cfg)) == plan_to_dict(plan)
     text = describe_plan(plan, cfg, 4)
     assert "column_wise" in text and "data_parallel" in text and "r3=" in text
-    cfg.embeddings.tables = cfg.embeddings.tables[:2]
+    assert "tiny" not in plan.plan["ec"]  # replicated, not planned
+    cfg.embeddings.tables = [cfg.embeddings.tables[0], cfg.embeddings.tables[2]]
     with pytest.raises(ValueError, match="re-run `genrec plan"):
         _plan(cfg)
     with pytest.raises(ValueError, match="rank 3 but the world size is 2"):
         cfg.embeddings = _cfg("x").embeddings
-        build_plan(cfg, SparseEmbeddings(cfg.embeddings, device=torch.device("meta")), world_size=2)
+        build_plan(
+            cfg, SparseEmbeddings.from_config(cfg, device=torch.device("meta")), world_size=2
+        )
 
 
 def test_sharders_carry_the_fused_optimizer():

@@ -1,10 +1,19 @@
-"""Sharded == unsharded on 2 real gloo ranks, for every strategy that runs on CPU.
+"""Sharded == unsharded on 2 real gloo ranks, for every strategy (all five run on CPU).
 
-One spawn checks them all (spawning is the expensive part): for each strategy a DMP-sharded
-SparseEmbeddings gets the unsharded module's weights, must return the same embeddings on
-each rank's KJT, and after one fused EXACT_ROWWISE_ADAGRAD step must hold the rows that
-the same update computes on the unsharded copy from both ranks' batches. The count-min
-sketch's all_reduce_ is checked in the same spawn.
+One spawn checks them all (spawning is the expensive part): for each case a DMP-sharded
+SparseEmbeddings gets the unsharded module's weights and must return the same embeddings on
+each rank's KJT (exactly: < 1e-6). After one step it must hold what the same update
+computes on the unsharded copy from both ranks' batches (< 1e-5):
+
+- model-parallel tables (TorchRec, fused EXACT_ROWWISE_ADAGRAD in backward): the gradient
+  is the SUM of both ranks' gradients;
+- data_parallel tables (plain replicated modules outside the EC, DDP via DMP's wrapper as
+  the trainer configures it): the gradient is the AVERAGE over ranks, and a dense SGD step
+  (SGD, not the trainer's AdamW, because Adam's first step is ~lr * sign(grad) and could
+  not tell an averaged gradient from a summed one) gives identical replicas on both ranks.
+
+Cases: every named strategy for all tables, plus row_wise with a data_parallel override
+(both paths in one module). The count-min sketch's all_reduce_ is checked in the same spawn.
 """
 
 from __future__ import annotations
@@ -15,10 +24,18 @@ from tests.dist_utils import run_on_ranks
 
 DIM = 16
 LR = 0.1
-STRATEGIES = ["table_wise", "row_wise", "column_wise", "table_row_wise"]
+TABLES = ["item", "user"]
+CASES: dict[str, tuple[str, dict[str, str]]] = {  # label -> (strategy, overrides)
+    "table_wise": ("table_wise", {}),
+    "row_wise": ("row_wise", {}),
+    "column_wise": ("column_wise", {}),
+    "table_row_wise": ("table_row_wise", {}),
+    "data_parallel": ("data_parallel", {}),
+    "row_wise+user_dp": ("row_wise", {"user": "data_parallel"}),
+}
 
 
-def _cfg(strategy: str):
+def _cfg(strategy: str, overrides: dict[str, str]):
     from genrec.config import Config, EmbeddingsConfig, TableConfig
 
     cfg = Config()
@@ -31,6 +48,7 @@ def _cfg(strategy: str):
         ]
     )
     cfg.sharding.strategy = strategy
+    cfg.sharding.overrides = dict(overrides)
     cfg.sharding.topology.world_size = 2
     cfg.trainer.sparse_lr = LR
     return cfg
@@ -56,9 +74,22 @@ def _loss(out: dict, rank: int) -> torch.Tensor:
     return total
 
 
+class _WithLoss(torch.nn.Module):
+    """SparseEmbeddings under `.sparse` returning (loss, embeddings), as the models do: DDP
+    with find_unused_parameters must find the graph from a tensor output."""
+
+    def __init__(self, sparse: torch.nn.Module) -> None:
+        super().__init__()
+        self.sparse = sparse
+
+    def forward(self, kjt, rank: int):
+        out = self.sparse(kjt)
+        return _loss(out, rank), out
+
+
 def _maxabs(a: torch.Tensor, b: torch.Tensor) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
-    return float((a - b).abs().max()) if a.numel() else 0.0
+    return float((a - b).detach().abs().max()) if a.numel() else 0.0
 
 
 def _rowwise_adagrad(w: torch.Tensor, grad: torch.Tensor, blocks: int) -> torch.Tensor:
@@ -71,36 +102,47 @@ def _rowwise_adagrad(w: torch.Tensor, grad: torch.Tensor, blocks: int) -> torch.
     return out
 
 
-def _check_strategy(rank: int, world: int, strategy: str) -> dict:
+def _check_case(rank: int, world: int, strategy: str, overrides: dict[str, str]) -> dict:
     from torch.distributed._shard.sharded_tensor import ShardedTensor
-    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.model_parallel import (
+        DefaultDataParallelWrapper,
+        DistributedModelParallel,
+    )
 
     from genrec.embeddings.tables import SparseEmbeddings
     from genrec.sharding_plans.planner import build_plan, sharders
+    from genrec.sharding_plans.strategies import replicated_tables
 
-    cfg = _cfg(strategy)
+    cfg = _cfg(strategy, overrides)
+    replicated = replicated_tables(cfg)
     torch.manual_seed(0)
-    ref = SparseEmbeddings(cfg.embeddings)
-    full = {k: v.detach().clone() for k, v in ref.state_dict().items()}
-    plan = build_plan(
-        cfg, SparseEmbeddings(cfg.embeddings, device=torch.device("meta")), world, "cpu"
-    )
+    ref = SparseEmbeddings(cfg.embeddings)  # unsharded: every table in one plain EC
+    full = {name: ref.table_weight(name).detach().clone() for name in TABLES}
+    meta = torch.device("meta")
+    plan = build_plan(cfg, _WithLoss(SparseEmbeddings.from_config(cfg, meta)), world, "cpu")
     dmp = DistributedModelParallel(
-        SparseEmbeddings(cfg.embeddings, device=torch.device("meta")),
+        _WithLoss(SparseEmbeddings.from_config(cfg, meta)),
         device=torch.device("cpu"),
         plan=plan,
         sharders=sharders(cfg),
+        data_parallel_wrapper=DefaultDataParallelWrapper(  # as genrec.trainer.assembly
+            static_graph=False, find_unused_parameters=True
+        ),
     )
     with torch.no_grad():
         for key, t in dmp.state_dict().items():
+            w = full[key.split(".")[-2]]  # ec.embeddings.NAME.weight / replicated.NAME.weight
             if isinstance(t, ShardedTensor):
                 for shard in t.local_shards():
                     (r0, c0), (nr, nc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                    shard.tensor.copy_(full[key][r0 : r0 + nr, c0 : c0 + nc])
+                    shard.tensor.copy_(w[r0 : r0 + nr, c0 : c0 + nc])
             else:
-                t.copy_(full[key])
+                t.copy_(w)
+    fused = set(dmp.fused_optimizer.params)
+    dense = {n: p for n, p in dmp.named_parameters() if n not in fused and p.requires_grad}
+    dense_opt = torch.optim.SGD(list(dense.values()), lr=LR) if dense else None
 
-    out = dmp(_kjt(rank))
+    loss, out = dmp(_kjt(rank), rank)
     ref_out = ref(_kjt(rank))
     max_fwd = 0.0
     assert sorted(out) == sorted(ref_out)
@@ -108,27 +150,52 @@ def _check_strategy(rank: int, world: int, strategy: str) -> dict:
         assert torch.equal(out[f].lengths(), ref_out[f].lengths())
         max_fwd = max(max_fwd, _maxabs(out[f].values(), ref_out[f].values()))
 
-    # one step: sharded (fused optimizer in backward) vs the same update on the full table
-    _loss(out, rank).backward()
-    ref_loss = sum(_loss(ref(_kjt(r)), r) for r in range(world))  # sharded grads sum ranks
+    # one step: sharded tables update in backward (fused), replicated ones by SGD after DDP
+    loss.backward()
+    if dense_opt is not None:
+        dense_opt.step()
+    ref_loss = sum(_loss(ref(_kjt(r)), r) for r in range(world))  # grads: sum over ranks
     ref_loss.backward()
     blocks = {"column_wise": 2}.get(strategy, 1)
-    expected = {k: _rowwise_adagrad(p.detach(), p.grad, blocks) for k, p in ref.named_parameters()}
-    max_step, touched = 0.0, 0
+    expected = {}
+    for name in TABLES:
+        w, g = full[name], ref.table_weight(name).grad
+        if name in replicated:
+            expected[name] = w - LR * g / world  # DDP averages the ranks' gradients
+        else:
+            expected[name] = _rowwise_adagrad(w, g, blocks)
+    max_step, touched, replicas = 0.0, 0, {}
     for key, t in dmp.state_dict().items():
-        for shard in t.local_shards():
-            (r0, c0), (nr, nc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-            want = expected[key][r0 : r0 + nr, c0 : c0 + nc]
-            before = full[key][r0 : r0 + nr, c0 : c0 + nc]
-            max_step = max(max_step, _maxabs(shard.tensor, want))
-            touched += int((shard.tensor != before).any(dim=1).sum())
-    return {"forward": max_fwd, "step": max_step, "rows_updated": touched}
+        name = key.split(".")[-2]
+        shards = (
+            [(s.metadata.shard_offsets, s.metadata.shard_sizes, s.tensor) for s in t.local_shards()]
+            if isinstance(t, ShardedTensor)
+            else [([0, 0], list(t.shape), t)]
+        )
+        if not isinstance(t, ShardedTensor):
+            replicas[name] = t.detach().clone()
+        for (r0, c0), (nr, nc), local in shards:
+            want = expected[name][r0 : r0 + nr, c0 : c0 + nc]
+            before = full[name][r0 : r0 + nr, c0 : c0 + nc]
+            max_step = max(max_step, _maxabs(local, want))
+            touched += int((local != before).any(dim=1).sum())
+    return {
+        "forward": max_fwd,
+        "step": max_step,
+        "rows_updated": touched,
+        "replicated": replicated,
+        "dense_params": sorted(dense),
+        "replicas": replicas,
+    }
 
 
 def _check_all(rank: int, world: int) -> dict:
     from genrec.embeddings.frequency import CountMinSketch
 
-    results = {s: _check_strategy(rank, world, s) for s in STRATEGIES}
+    results = {
+        label: _check_case(rank, world, strategy, overrides)
+        for label, (strategy, overrides) in CASES.items()
+    }
     # count-min sketches all-reduced over ranks == one sketch over the union of streams
     streams = [
         torch.randint(0, 500, (2000,), generator=torch.Generator().manual_seed(r))
@@ -149,9 +216,18 @@ def test_sharded_equals_unsharded_all_strategies():
     per_rank = run_on_ranks(_check_all, world_size=2)
     for rank, res in enumerate(per_rank):
         assert res.pop("cms_equal"), f"rank {rank}: all-reduced sketch != union sketch"
-        for strategy, r in res.items():
-            assert r["forward"] < 1e-6, (rank, strategy, r)
-            assert r["step"] < 1e-5, (rank, strategy, r)
-    # the step really moved rows (somewhere): not a vacuous comparison
-    for strategy in STRATEGIES:
-        assert sum(res[strategy]["rows_updated"] for res in per_rank) > 0, strategy
+        for case, r in res.items():
+            assert r["forward"] < 1e-6, (rank, case, r)
+            assert r["step"] < 1e-5, (rank, case, r)
+    # data_parallel tables are replicated modules, trained by the dense optimizer
+    assert per_rank[0]["data_parallel"]["replicated"] == ["item", "user"]
+    assert per_rank[0]["row_wise+user_dp"]["replicated"] == ["user"]
+    assert per_rank[0]["row_wise"]["dense_params"] == []
+    assert per_rank[0]["row_wise+user_dp"]["dense_params"] == ["sparse.replicated.user.weight"]
+    for case in CASES:
+        r0, r1 = per_rank[0][case], per_rank[1][case]
+        assert sorted(r0["replicas"]) == r0["replicated"], case
+        for name, w in r0["replicas"].items():  # replicas identical on both ranks
+            assert torch.equal(w, r1["replicas"][name]), (case, name)
+        # the step really moved rows (somewhere): not a vacuous comparison
+        assert r0["rows_updated"] + r1["rows_updated"] > 0, case
