@@ -31,6 +31,13 @@ def init_ray(
     if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=log_to_driver)
     else:
+        # Ray on Linux "resolves" 127.0.0.1 to the machine's reachable address; a local
+        # single-node Ray must stay on loopback (nothing else may reach it), so switch that
+        # resolution off for this process and everything Ray spawns from it.
+        from ray._private import ray_constants
+
+        os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+        ray_constants.ENABLE_RAY_CLUSTER = False
         ray.init(
             num_cpus=num_cpus or os.cpu_count() or 1,
             object_store_memory=max(MIN_OBJECT_STORE_MB, object_store_mb) * 2**20,

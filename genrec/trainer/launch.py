@@ -5,11 +5,22 @@ torchrun  already inside an external torchrun (RANK/WORLD_SIZE/MASTER_ADDR set; 
 ray       Ray Train TorchTrainer (ScalingConfig(num_workers, use_gpu)); each worker reserves
           `trainer.ray_workers_cpus` CPUs so Ray Data tasks never starve; worker failures
           restart from the last checkpoint in run_dir (FailureConfig(max_failures))
+
+Ray 2.60 runs Ray Train V2 (the default): a controller actor owns the run, FailureConfig's
+max_failures counts worker-group restarts, and RunConfig.storage_path only holds Ray's own
+run state; genrec's checkpoints and metrics stay in run_dir, which every worker must see
+(shared storage on a cluster). The driver shows progress by reading run_dir.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import os
+import shutil
+import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -17,7 +28,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from genrec.config import Config, dump_config, from_dict, to_dict
+from genrec.trainer import checkpoint as ckpt
 from genrec.trainer.distributed import context_from_initialized, free_port, init_distributed
+from genrec.trainer.metrics_log import CSV_NAME, FIELDS
 
 
 def _prepare_run_dir(cfg: Config) -> None:
@@ -41,8 +54,10 @@ def _local_worker(rank: int, cfg_dict: dict, world_size: int, port: int, resume:
     from genrec.trainer.loop import run_worker
 
     quiet_library_warnings()
-    # one process per core at most: OpenMP threads of co-located ranks otherwise spin-wait
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    # Co-located ranks split the cores, less one for the stream reader and collectives:
+    # oversubscribed OpenMP threads spin-wait (1 rank on a busy 2-core machine ran 10x
+    # slower with 2 threads than with 1).
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size - 1))
 
     cfg = from_dict(cfg_dict)
     ctx = init_distributed(
@@ -78,34 +93,165 @@ def _torchrun_worker(cfg: Config, resume: bool) -> None:
 
 
 def _ray_train_loop(config: dict) -> None:
-    """Runs inside each Ray Train worker; Ray Train created the process group."""
+    """Runs inside each Ray Train worker; Ray Train created the process group.
+
+    Always resumes: after a worker failure Ray Train starts a fresh worker group, which
+    continues from the latest checkpoint in run_dir (stream position, weights, optimizer).
+    """
+    import logging
+
     from genrec.trainer.loop import run_worker
 
+    # Ray workers log INFO by default: keep fbgemm/torchrec start-up chatter out, as under spawn
+    logging.getLogger().setLevel(logging.WARNING)
+    quiet_library_warnings()
     cfg = from_dict(config["cfg"])
+    # the worker's CPU reservation bounds its threads (OpenMP spin-waits otherwise)
+    torch.set_num_threads(max(1, int(cfg.trainer.ray_workers_cpus)))
     ctx = context_from_initialized(cfg.sharding.topology.device)
-    run_worker(cfg, ctx, resume=True)  # after a failure, continue from the last checkpoint
+    _record_worker(Path(cfg.trainer.run_dir), ctx.rank)
+    run_worker(cfg, ctx, resume=True)
+
+
+WORKERS_DIR = "workers"
+
+
+def _record_worker(run_dir: Path, rank: int) -> None:
+    """`run_dir/workers/rank-R.json`: which process on which host runs rank R right now.
+
+    For operators (and the fault-tolerance test): inspect, profile or kill one rank."""
+    import socket
+
+    out = run_dir / WORKERS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    info = {
+        "rank": rank,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "master": f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}",
+    }
+    tmp = out / f".rank-{rank}.json.tmp"
+    tmp.write_text(json.dumps(info))
+    tmp.rename(out / f"rank-{rank}.json")
+
+
+class RayRunProgress(threading.Thread):
+    """The driver's view of a Ray Train run: a step bar and the per-window rows.
+
+    Read from the run directory (every rank writes there; on a cluster it is shared storage),
+    because Ray's log forwarding mangles the workers' tqdm bar and mixes in Ray's own actors.
+    Says when Ray Train replaced the worker group (rank 0 runs in a new process).
+    """
+
+    def __init__(self, run_dir: Path, poll_s: float = 0.5) -> None:
+        super().__init__(daemon=True, name="genrec-ray-progress")
+        self.run_dir, self.poll_s = run_dir, poll_s
+        self.finished = threading.Event()
+        csv_path = run_dir / CSV_NAME
+        self._offset = csv_path.stat().st_size if csv_path.exists() else 0
+        self._shown = {r["window"] for r in self._history()}  # resumed: already printed once
+        self._pid: int | None = None
+        self._bar = None
+
+    def _rank0_pid(self) -> int | None:
+        try:
+            return int(json.loads((self.run_dir / WORKERS_DIR / "rank-0.json").read_text())["pid"])
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            return None
+
+    def _history(self) -> list[dict]:
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        try:
+            return ckpt.read_state(latest).get("history", []) if latest else []
+        except (FileNotFoundError, json.JSONDecodeError):  # pruned or renamed while reading
+            return []
+
+    def _new_step_rows(self) -> list[dict]:
+        path = self.run_dir / CSV_NAME
+        if not path.exists():
+            return []
+        with path.open() as f:
+            f.seek(self._offset)
+            text = f.read()
+        done = text[: text.rfind("\n") + 1]  # whole lines only; the rest is still being written
+        self._offset += len(done.encode())
+        rows = csv.DictReader(io.StringIO(done), fieldnames=FIELDS)
+        return [r for r in rows if r["kind"] == "step" and r["name"] == "loss"]
+
+    def _poll(self) -> None:
+        from tqdm import tqdm
+
+        from genrec.trainer.loop import format_row
+
+        pid = self._rank0_pid()
+        if pid is not None and pid != self._pid:
+            if self._pid is not None:
+                tqdm.write(
+                    "a worker failed: Ray Train restarted the workers from the last checkpoint"
+                )
+            self._pid = pid
+        for r in self._new_step_rows():
+            if self._bar is None:  # its clock starts with training, not with Ray start-up
+                self._bar = tqdm(desc="train (ray)", unit="step", dynamic_ncols=True)
+            self._bar.n = int(r["step"])
+            self._bar.set_postfix(window=r["window"], loss=f"{float(r['value']):.3f}")
+        for row in self._history():
+            if row["window"] not in self._shown:
+                self._shown.add(row["window"])
+                tqdm.write(format_row(row))
+
+    def run(self) -> None:
+        while not self.finished.wait(self.poll_s):
+            self._poll()
+        self._poll()
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _check_cpu_reservation(cfg: Config) -> None:
+    """Train workers must leave CPUs for Ray Data's read tasks, or the stream never fills."""
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    wanted = cfg.trainer.world_size * cfg.trainer.ray_workers_cpus
+    if wanted > total - 1:
+        raise ValueError(
+            f"{cfg.trainer.world_size} Ray Train workers x trainer.ray_workers_cpus="
+            f"{cfg.trainer.ray_workers_cpus} reserve {wanted:g} of the cluster's {total:g} "
+            "CPUs, leaving less than 1 for Ray Data's read tasks (the job would hang): "
+            "lower trainer.ray_workers_cpus (fractions are fine) or raise data.num_cpus"
+        )
 
 
 def _ray_launch(cfg: Config, resume: bool) -> None:
+    import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from genrec.ray_runtime import ray_session
+    from genrec.ray_runtime import init_ray
 
     if not resume:
         raise ValueError(
-            "--launcher ray always resumes from run_dir after failures; clear run_dir instead of --no-resume"
+            "--launcher ray always resumes from run_dir (that is how it survives worker "
+            "failures); clear trainer.run_dir instead of passing --no-resume"
         )
-    run_dir = Path(cfg.trainer.run_dir).resolve()
-    cfg.trainer.run_dir = str(run_dir)
+    # Ray Train moves each worker into its own working directory: absolute paths only
+    cfg.trainer.run_dir = str(Path(cfg.trainer.run_dir).resolve())
     cfg.data.prepared_dir = str(Path(cfg.data.prepared_dir).resolve())
     use_gpu = cfg.sharding.topology.device == "cuda"
-    backend = "nccl" if use_gpu else "gloo"
-    with ray_session(
+    backend = (
+        cfg.trainer.backend if cfg.trainer.backend != "auto" else "nccl" if use_gpu else "gloo"
+    )
+    started = init_ray(
         num_cpus=cfg.data.num_cpus or max(4, (os.cpu_count() or 1) * 2),
         object_store_mb=cfg.data.object_store_mb,
         address=cfg.data.ray_address,
-    ):
+    )
+    shutil.rmtree(Path(cfg.trainer.run_dir) / WORKERS_DIR, ignore_errors=True)  # stale pids
+    progress = RayRunProgress(Path(cfg.trainer.run_dir))
+    try:
+        _check_cpu_reservation(cfg)
+        local = not cfg.data.ray_address
         trainer = TorchTrainer(
             _ray_train_loop,
             train_loop_config={"cfg": to_dict(cfg)},
@@ -120,13 +266,26 @@ def _ray_launch(cfg: Config, resume: bool) -> None:
             ),
             run_config=RunConfig(
                 name="genrec",
-                storage_path=str(run_dir / "ray"),
+                storage_path=str(Path(cfg.trainer.run_dir) / "ray"),
                 failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
+                # a local Ray runs on this machine only: keep gloo's sockets on loopback
+                worker_runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "lo"}} if local else None,
             ),
         )
-        result = trainer.fit()
-        if result.error is not None:
-            raise result.error
+        print(
+            f"starting {cfg.trainer.world_size} Ray Train workers "
+            f"({cfg.trainer.ray_workers_cpus:g} CPU{', 1 GPU' if use_gpu else ''} each, {backend})",
+            file=sys.stderr,
+            flush=True,
+        )
+        progress.start()
+        trainer.fit()  # raises ray.train.TrainingFailedError once max_failures is spent
+    finally:
+        progress.finished.set()
+        if progress.is_alive():
+            progress.join()
+        if started:
+            ray.shutdown()
 
 
 def train(cfg: Config, resume: bool = True) -> None:

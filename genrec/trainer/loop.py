@@ -130,6 +130,7 @@ class StreamTrainer:
         self.baseline.counts.copy_(tensors["baseline.counts"])
         self.baseline.delta.copy_(tensors["baseline.delta"])
         self.step = self._saved_step = int(state["step"])
+        self.logger.resume_at(self.step)
         self.position = StreamPosition.from_dict(state["position"]) if state["position"] else None
         self.history = list(state.get("history", []))
 

@@ -30,9 +30,29 @@ class MetricsLogger:
         self._csv = csv.writer(self._file)
         if new:
             self._csv.writerow(FIELDS)
+        self._open_writer(purge_step=None)
+
+    def _open_writer(self, purge_step: int | None) -> None:
         from tensorboardX import SummaryWriter
 
-        self._writer = SummaryWriter(str(self.run_dir / "tb"), flush_secs=10)
+        self._writer = SummaryWriter(str(self.run_dir / "tb"), flush_secs=10, purge_step=purge_step)
+
+    def resume_at(self, step: int) -> None:
+        """A run restored at `step`: drop rows logged after it by the run that died, so a
+        resumed run keeps one curve with no repeated steps (CSV and TensorBoard alike)."""
+        if not self.enabled:
+            return
+        self._file.close()
+        path = self.run_dir / CSV_NAME
+        with path.open() as f:
+            rows = list(csv.reader(f))
+        kept = [rows[0]] + [r for r in rows[1:] if r[0] == "epoch" or int(r[1]) <= step]
+        with path.open("w", newline="") as f:
+            csv.writer(f).writerows(kept)
+        self._file = path.open("a", newline="")
+        self._csv = csv.writer(self._file)
+        self._writer.close()
+        self._open_writer(purge_step=step + 1)
 
     def log(self, kind: str, step: int, values: dict[str, float], window: int = -1) -> None:
         if not self.enabled:
@@ -40,7 +60,7 @@ class MetricsLogger:
         now = time.time()
         for name, value in values.items():
             self._csv.writerow((kind, step, window, name, f"{float(value):.6g}", f"{now:.3f}"))
-            tag = f"{kind}/{name}"
+            tag = f"{kind}/{name}".replace("@", "_at_")  # TensorBoard tags: no '@'
             self._writer.add_scalar(tag, float(value), window if kind == "window" else step)
         self._file.flush()
 

@@ -78,3 +78,22 @@ def test_negative_sampler_mixture_log_q():
     # same (seed, step, rank) draws the same negatives: resume needs no generator state
     again, _ = sampler.sample(step_generator(0, 1, 0))
     assert torch.equal(ids, again)
+
+
+def test_metrics_log_resume_drops_rows_after_the_checkpoint(tmp_path):
+    from genrec.trainer.metrics_log import MetricsLogger, read_metrics
+
+    log = MetricsLogger(tmp_path)
+    for step in (1, 2, 3, 4):
+        log.log("step", step, {"loss": float(step)})
+    log.log("window", 4, {"model/hr@10": 0.5}, window=7)
+    log.resume_at(2)  # the run died after step 4; its checkpoint was at step 2
+    log.log("step", 3, {"loss": 30.0})
+    log.close()
+    rows = read_metrics(tmp_path)
+    assert [(r["step"], r["value"]) for r in rows if r["kind"] == "step"] == [
+        (1, 1.0),
+        (2, 2.0),
+        (3, 30.0),
+    ]
+    assert not [r for r in rows if r["kind"] == "window"]
