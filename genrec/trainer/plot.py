@@ -30,9 +30,9 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
 
-    def save(fig, name):
+    def save(fig, name, rect=(0, 0, 1, 1)):
         path = out_dir / name
-        fig.tight_layout()
+        fig.tight_layout(rect=rect)
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
@@ -63,11 +63,12 @@ def plot_run(run_dir: str | Path) -> list[Path]:
             for who in sorted({n.split("/", 1)[0] for n in windows if n.endswith("/" + m)}):
                 xs, ys = windows[f"{who}/{m}"]
                 ax.plot(xs, ys, marker="o", label=who)
-            ax.set_title(f"progressive {m} per window (evaluated before training on it)")
+            ax.set_title(f"progressive {m.upper()} per window")
             ax.set_xlabel("window")
             ax.legend()
             ax.grid(alpha=0.3)
-        save(fig, "window_metrics.png")
+        fig.suptitle("each window scored before the model trained on it", fontsize=9)
+        save(fig, "window_metrics.png", rect=(0, 0, 1, 0.93))
     if not written:
         raise ValueError(f"{run_dir}/metrics.csv holds no rows to plot")
     return written
