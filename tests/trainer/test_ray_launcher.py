@@ -22,11 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from genrec.config import load_config
 from genrec.trainer import checkpoint as ckpt
 from genrec.trainer.launch import WORKERS_DIR, train
 
-from ..conftest import ROOT
+from .helpers import final_model_state, tiny_config
 
 KILL_DEADLINE_S = 240.0
 
@@ -49,40 +48,18 @@ def prepared(tmp_path_factory, ray_local) -> Path:
 
 
 def _cfg(base: Path, run: str):
-    return load_config(
-        ROOT / "configs" / "quickstart.yaml",
-        [
-            f"data.prepared_dir={base / 'prepared'}",
-            f"trainer.run_dir={base / run}",
-            "trainer.launcher=ray",
-            "trainer.world_size=2",
-            "trainer.ray_workers_cpus=0.5",
-            "trainer.max_failures=1",
-            "trainer.batch_size=16",
-            "trainer.log_every=1",
-            "trainer.eval_batches=1",
-            "model.max_len=20",
-            "model.num_layers=1",
-            "model.dim=32",
-            "model.attn_dim=16",
-            "model.linear_dim=16",
-            "model.retrieval.num_negatives=32",
-            "embeddings.tables=[{name: item, num_embeddings: 2048, dim: 32, features: [item_id]}]",
-            "embeddings.frequency.width=2048",
-        ],
+    return tiny_config(
+        base / "prepared",
+        base / run,
+        "trainer.launcher=ray",
+        "trainer.world_size=2",
+        "trainer.max_failures=1",
+        "trainer.batch_size=16",
+        "trainer.eval_batches=1",
+        "model.retrieval.num_negatives=32",
+        "embeddings.tables=[{name: item, num_embeddings: 2048, dim: 32, features: [item_id]}]",
+        "embeddings.frequency.width=2048",
     )
-
-
-def _final_weights(run_dir: Path) -> tuple[dict, dict]:
-    """The latest checkpoint's model weights, loaded unsharded in this process."""
-    from genrec.config import from_dict
-    from genrec.models.build import build_model
-
-    path = ckpt.latest_checkpoint(run_dir)
-    state = ckpt.read_state(path)
-    app = {"model": build_model(from_dict(state["config"])).state_dict()}
-    ckpt.load_sharded(path, app)
-    return {k: v.clone() for k, v in app["model"].items()}, state
 
 
 def _prepared_windows(base: Path) -> list[int]:
@@ -135,7 +112,7 @@ def test_ray_launcher_trains_one_pass_like_local(clean_run, prepared):
     windows = [r["window"] for r in summary["windows"]]
     assert windows == _prepared_windows(prepared)
     assert summary["world_size"] == 2
-    weights, state = _final_weights(clean_run)
+    weights, state = final_model_state(clean_run)
     assert state["step"] == summary["steps"] > 0
     assert state["world_size"] == 2
     assert all(torch.isfinite(v).all() for v in weights.values())
@@ -173,8 +150,8 @@ def test_killed_worker_resumes_with_no_lost_or_repeated_windows(clean_run, prepa
     rank1 = json.loads((prepared / "killed" / WORKERS_DIR / "rank-1.json").read_text())
     assert rank1["pid"] != killer.killed_pid
 
-    w_clean, s_clean = _final_weights(clean_run)
-    w_killed, s_killed = _final_weights(prepared / "killed")
+    w_clean, s_clean = final_model_state(clean_run)
+    w_killed, s_killed = final_model_state(prepared / "killed")
     assert s_killed["position"] == s_clean["position"]
     for k in w_clean:
         torch.testing.assert_close(w_killed[k], w_clean[k], rtol=1e-5, atol=1e-6, msg=k)

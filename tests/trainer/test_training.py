@@ -18,12 +18,11 @@ import pytest
 import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-from genrec.config import load_config
 from genrec.trainer import checkpoint as ckpt
 from genrec.trainer.launch import train
 
-from ..conftest import ROOT
 from ..dist_utils import run_on_ranks
+from .helpers import final_model_state, tiny_config
 
 STEPS = 24
 
@@ -46,38 +45,15 @@ def prepared(tmp_path_factory, ray_local):
 
 
 def _cfg(base: Path, run: str, *extra: str):
-    return load_config(
-        ROOT / "configs" / "quickstart.yaml",
-        [
-            f"data.prepared_dir={base / 'prepared'}",
-            f"trainer.run_dir={base / run}",
-            "trainer.batch_size=16",
-            "trainer.log_every=1",
-            "trainer.eval_batches=2",
-            "model.max_len=20",
-            "model.num_layers=1",
-            "model.dim=32",
-            "model.attn_dim=16",
-            "model.linear_dim=16",
-            "model.retrieval.num_negatives=64",
-            "embeddings.tables=[{name: item, num_embeddings: 4096, dim: 32, features: [item_id]}]",
-            "embeddings.frequency.width=4096",
-            *extra,
-        ],
+    return tiny_config(
+        base / "prepared",
+        base / run,
+        "trainer.batch_size=16",
+        "trainer.eval_batches=2",
+        "model.retrieval.num_negatives=64",
+        "embeddings.tables=[{name: item, num_embeddings: 4096, dim: 32, features: [item_id]}]",
+        *extra,
     )
-
-
-def _final_model_state(run_dir: Path) -> tuple[dict, dict]:
-    """The latest checkpoint's model weights, loaded unsharded in this process."""
-    from genrec.config import from_dict
-    from genrec.models.build import build_model
-
-    path = ckpt.latest_checkpoint(run_dir)
-    state = ckpt.read_state(path)
-    model = build_model(from_dict(state["config"]))
-    app = {"model": model.state_dict()}
-    ckpt.load_sharded(path, app)
-    return {k: v.clone() for k, v in app["model"].items()}, state
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +81,8 @@ def test_two_rank_training_lowers_loss(runs):
 
 
 def test_resumed_equals_uninterrupted(runs):
-    full, s_full = _final_model_state(runs / "full")
-    resumed, s_res = _final_model_state(runs / "resumed")
+    full, s_full = final_model_state(runs / "full")
+    resumed, s_res = final_model_state(runs / "resumed")
     half = json.loads((ckpt.latest_checkpoint(runs / "half") / ckpt.STATE_FILE).read_text())
     assert half["step"] == STEPS // 2
     assert s_full["step"] == s_res["step"] == STEPS
@@ -144,7 +120,7 @@ def _load_at_world(rank: int, world_size: int, path: str) -> dict:
 
 
 def test_checkpoint_reshards_2_to_1_and_1_to_2(runs):
-    expected, state = _final_model_state(runs / "full")
+    expected, state = final_model_state(runs / "full")
     path = str(ckpt.latest_checkpoint(runs / "full"))
     for world in (1, 2):
         results = run_on_ranks(_load_at_world, world_size=world, args=(path,))

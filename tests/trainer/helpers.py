@@ -1,0 +1,39 @@
+"""Shared pieces of the trainer tests: a tiny model config and checkpoint readers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from genrec.config import Config, from_dict, load_config
+from genrec.trainer import checkpoint as ckpt
+
+from ..conftest import ROOT
+
+TINY_MODEL = [
+    "trainer.log_every=1",
+    "model.max_len=20",
+    "model.num_layers=1",
+    "model.dim=32",
+    "model.attn_dim=16",
+    "model.linear_dim=16",
+    "embeddings.frequency.width=4096",
+]
+
+
+def tiny_config(prepared_dir: Path, run_dir: Path, *extra: str) -> Config:
+    """The quickstart config shrunk for tests, reading `prepared_dir`, writing `run_dir`."""
+    return load_config(
+        ROOT / "configs" / "quickstart.yaml",
+        [f"data.prepared_dir={prepared_dir}", f"trainer.run_dir={run_dir}", *TINY_MODEL, *extra],
+    )
+
+
+def final_model_state(run_dir: Path) -> tuple[dict, dict]:
+    """The latest checkpoint's model weights, loaded unsharded in this process, and its state."""
+    from genrec.models.build import build_model
+
+    path = ckpt.latest_checkpoint(run_dir)
+    state = ckpt.read_state(path)
+    app = {"model": build_model(from_dict(state["config"])).state_dict()}
+    ckpt.load_sharded(path, app)
+    return {k: v.clone() for k, v in app["model"].items()}, state
