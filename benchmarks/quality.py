@@ -71,6 +71,8 @@ def run_once(args, seed: int, work: Path) -> dict:
     final = summary["windows"][-1]
     return {
         **{m: final[f"test/{m}"] for m in METRICS},
+        **{f"most_popular/{m}": final[f"test/most_popular/{m}"] for m in METRICS},
+        "valid/ndcg@10": final["valid"],
         "seconds": time.time() - t0,
         "best_step": final["best_epoch_step"],
         "epochs": len(summary["windows"]) - 1,
@@ -106,7 +108,12 @@ def main() -> None:
         vals = [r[m] for r in runs]
         out[m] = round(statistics.mean(vals), 5)
         out[f"{m}_std"] = round(statistics.pstdev(vals), 5)
+    out["most_popular"] = {
+        m: round(statistics.mean(r[f"most_popular/{m}"] for r in runs), 5) for m in METRICS
+    }
+    out["valid_ndcg@10"] = [round(r["valid/ndcg@10"], 5) for r in runs]
     out["epochs"] = [r["epochs"] for r in runs]
+    out["seconds_per_seed"] = [round(r["seconds"], 1) for r in runs]
     out["wall_s"] = round(time.time() - t0, 1)
     if args.dataset in PUBLISHED:
         out["published"] = PUBLISHED[args.dataset]

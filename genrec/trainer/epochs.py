@@ -11,6 +11,7 @@ on the test targets. Model selection never looks at test.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -105,28 +106,31 @@ class EpochTrainer(StreamTrainer):
 
     @torch.no_grad()
     def score(self, table: pa.Table) -> dict[str, float]:
-        sums = torch.zeros(1 + 2 * len(KS), dtype=torch.float64)
+        """Recall/NDCG@K of the model and of the most-popular baseline (training counts,
+        the same history exclusion) on the one target of each row of `table`."""
+        sums = torch.zeros(1 + 4 * len(KS), dtype=torch.float64)
         self.model.eval()
+        exclude = self.cfg.model.retrieval.exclude_history
         for batch in self._rank_batches(table, None):
             batch = batch.to(self.ctx.device)
             topk, _, targets = self.model.module.top_k(
-                batch,
-                self.catalog.to(self.ctx.device),
-                max(KS),
-                exclude_history=self.cfg.model.retrieval.exclude_history,
+                batch, self.catalog.to(self.ctx.device), max(KS), exclude_history=exclude
             )
             topk, targets = topk.cpu(), targets.cpu()
+            pop = self.baseline.top_k(batch.to("cpu"), max(KS), exclude, self.cfg.model.max_len)
             sums[0] += targets.numel()
             for i, k in enumerate(KS):
-                hr, ndcg = hits_and_ndcg(topk[:, :k], targets)
-                sums[1 + 2 * i] += hr
-                sums[2 + 2 * i] += ndcg
+                for j, ranked in enumerate((topk, pop)):
+                    hr, ndcg = hits_and_ndcg(ranked[:, :k], targets)
+                    sums[1 + 4 * i + 2 * j] += hr
+                    sums[2 + 4 * i + 2 * j] += ndcg
         all_reduce_(sums)
         n = max(float(sums[0]), 1.0)
         out = {"users": float(sums[0])}
         for i, k in enumerate(KS):
-            out[f"recall@{k}"] = float(sums[1 + 2 * i]) / n
-            out[f"ndcg@{k}"] = float(sums[2 + 2 * i]) / n
+            for j, prefix in enumerate(("", "most_popular/")):
+                out[f"{prefix}recall@{k}"] = float(sums[1 + 4 * i + 2 * j]) / n
+                out[f"{prefix}ndcg@{k}"] = float(sums[2 + 4 * i + 2 * j]) / n
         return out
 
     def run(self, resume: bool = False, progress: bool = True) -> list[dict]:
@@ -141,6 +145,7 @@ class EpochTrainer(StreamTrainer):
                 loss = self.train_step(batch.to(self.ctx.device), wm)
                 self.step += 1
                 metrics_loss, n_loss = metrics_loss + loss, n_loss + 1
+            self.baseline.sync()  # fold this epoch's training counts in on every rank
             val = self.score(valid)
             row = {
                 "epoch": epoch,
@@ -153,7 +158,9 @@ class EpochTrainer(StreamTrainer):
             if progress and self.ctx.is_main:
                 print(
                     f"epoch {epoch:>3}  loss {row['loss']:.4f}  valid R@10 {val['recall@10']:.4f}  "
-                    f"N@10 {val['ndcg@10']:.4f}  ({row['seconds']:.1f} s)",
+                    f"N@10 {val['ndcg@10']:.4f}  (most popular {val['most_popular/recall@10']:.4f})"
+                    f"  ({row['seconds']:.1f} s)",
+                    file=sys.stderr,  # stdout stays free for a caller's one JSON line
                     flush=True,
                 )
             if val["ndcg@10"] > best:

@@ -171,12 +171,15 @@ class StreamTrainer:
         items = batch.item_ids.cpu()[batch_target_mask(batch)]  # each event once, as a target
         self.sketch_delta.update(items)
         self.popular.add(items)
-        sampler = NegativeSampler(
-            self.cfg.model.retrieval, self.catalog, self._merged_sketch(), self.popular
-        )
-        negatives, neg_log_q = sampler.sample(
-            step_generator(self.cfg.trainer.seed, self.step, self.ctx.rank)
-        )
+        if self.cfg.model.retrieval.full_softmax:  # exact softmax: the catalog is the set
+            negatives, neg_log_q = self.catalog, torch.zeros(self.catalog.numel())
+        else:
+            sampler = NegativeSampler(
+                self.cfg.model.retrieval, self.catalog, self._merged_sketch(), self.popular
+            )
+            negatives, neg_log_q = sampler.sample(
+                step_generator(self.cfg.trainer.seed, self.step, self.ctx.rank)
+            )
         with self.autocast:
             out = self.model(batch, negatives.to(self.ctx.device), neg_log_q.to(self.ctx.device))
         out.loss.backward()
