@@ -71,7 +71,7 @@ def _item_table(model: nn.Module, cfg: Config) -> torch.Tensor:
     """The weight of the table that embeds item_id (a plain copy, unsharded)."""
     table = next(t for t in cfg.embeddings.tables if ITEM_KEY in t.features)
     if table.kind != "hashed":
-        raise NotImplementedError(
+        raise ValueError(
             f"export: table {table.name!r} is managed_collision; only hashed item tables can be "
             "exported (the MCH remapping is stateful); use kind: hashed for serving models"
         )
@@ -80,7 +80,7 @@ def _item_table(model: nn.Module, cfg: Config) -> torch.Tensor:
 
 def check_exportable(cfg: Config) -> None:
     if cfg.model.user_feature_tokens:
-        raise NotImplementedError(
+        raise ValueError(
             f"export: model.user_feature_tokens={cfg.model.user_feature_tokens} needs context "
             "features that the serving API does not carry; export a model without them"
         )

@@ -22,6 +22,7 @@ The proxy binds 127.0.0.1 unless a host is given.
 # on the handlers of the Serve deployment, not a string it cannot resolve there.
 
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,6 +207,10 @@ def serve(
         "Ctrl-C stops",
         flush=True,
     )
+    def _stop(signum, frame):  # SIGTERM (a supervisor stopping us) shuts down like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
     try:
         while True:
             time.sleep(3600)
