@@ -37,3 +37,22 @@ def final_model_state(run_dir: Path) -> tuple[dict, dict]:
     app = {"model": build_model(from_dict(state["config"])).state_dict()}
     ckpt.load_sharded(path, app)
     return {k: v.clone() for k, v in app["model"].items()}, state
+
+
+def make_prepared(base: Path, users: int, events: int, items: int, seed: int) -> Path:
+    """Generate synthetic T-ECD under base/raw and prepare daily shards (max_len 20) into
+    base/prepared; returns `base`. Needs a running Ray (the `ray_local` fixture)."""
+    from genrec.data_pipeline.sequences import prepare
+    from genrec.data_pipeline.synthetic import generate
+
+    generate(
+        source="tecd", out_dir=str(base / "raw"), users=users, events=events, items=items, seed=seed
+    )
+    prepare(
+        source="tecd",
+        in_dir=str(base / "raw"),
+        out_dir=str(base / "prepared"),
+        window="day",
+        max_len=20,
+    )
+    return base

@@ -25,26 +25,16 @@ import torch
 from genrec.trainer import checkpoint as ckpt
 from genrec.trainer.launch import WORKERS_DIR, train
 
-from .helpers import final_model_state, tiny_config
+from .helpers import final_model_state, make_prepared, tiny_config
 
 KILL_DEADLINE_S = 240.0
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, ray_local) -> Path:
-    from genrec.data_pipeline.sequences import prepare
-    from genrec.data_pipeline.synthetic import generate
-
-    base = tmp_path_factory.mktemp("ray_launcher")
-    generate(source="tecd", out_dir=str(base / "raw"), users=200, events=12_000, items=400, seed=5)
-    prepare(
-        source="tecd",
-        in_dir=str(base / "raw"),
-        out_dir=str(base / "prepared"),
-        window="day",
-        max_len=20,
+    return make_prepared(
+        tmp_path_factory.mktemp("ray_launcher"), users=200, events=12_000, items=400, seed=5
     )
-    return base
 
 
 def _cfg(base: Path, run: str):

@@ -22,26 +22,16 @@ from genrec.trainer import checkpoint as ckpt
 from genrec.trainer.launch import train
 
 from ..dist_utils import run_on_ranks
-from .helpers import final_model_state, tiny_config
+from .helpers import final_model_state, make_prepared, tiny_config
 
 STEPS = 24
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, ray_local):
-    from genrec.data_pipeline.sequences import prepare
-    from genrec.data_pipeline.synthetic import generate
-
-    base = tmp_path_factory.mktemp("trainer")
-    generate(source="tecd", out_dir=str(base / "raw"), users=300, events=30_000, items=600, seed=3)
-    prepare(
-        source="tecd",
-        in_dir=str(base / "raw"),
-        out_dir=str(base / "prepared"),
-        window="day",
-        max_len=20,
+def prepared(tmp_path_factory, ray_local) -> Path:
+    return make_prepared(
+        tmp_path_factory.mktemp("trainer"), users=300, events=30_000, items=600, seed=3
     )
-    return base
 
 
 def _cfg(base: Path, run: str, *extra: str):
