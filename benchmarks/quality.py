@@ -11,6 +11,7 @@ goes to stderr. The data directory is a flag (or GENREC_DATA_DIR), never a path 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -38,20 +39,10 @@ METRICS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
 
 def run_once(args, seed: int, work: Path) -> dict:
     from genrec.config import load_config
-    from genrec.data_pipeline.sequences import prepare
     from genrec.trainer.launch import train
 
-    cfg_name, source, rel = DATASETS[args.dataset]
+    cfg_name = DATASETS[args.dataset][0]
     prepared = work / "prepared"
-    if not (prepared / "_meta.json").exists():
-        with contextlib.redirect_stdout(sys.stderr):
-            prepare(
-                source=source,
-                in_dir=str(Path(args.data_dir) / rel),
-                out_dir=str(prepared),
-                window="1000000000000",
-                max_len=args.max_len or 50,
-            )
     overrides = [
         f"data.prepared_dir={prepared}",
         f"trainer.run_dir={work / f'run-seed{seed}'}",
@@ -65,8 +56,7 @@ def run_once(args, seed: int, work: Path) -> dict:
         overrides.append(f"trainer.epochs={args.epochs}")
     cfg = load_config(ROOT / "configs" / cfg_name, overrides)
     t0 = time.time()
-    with contextlib.redirect_stdout(sys.stderr):
-        train(cfg, resume=False)
+    train(cfg, resume=False)
     summary = json.loads((Path(cfg.trainer.run_dir) / "summary.json").read_text())
     final = summary["windows"][-1]
     return {
@@ -77,6 +67,21 @@ def run_once(args, seed: int, work: Path) -> dict:
         "best_step": final["best_epoch_step"],
         "epochs": len(summary["windows"]) - 1,
     }
+
+
+def prepare_once(args, work: Path) -> None:
+    from genrec.data_pipeline.sequences import prepare
+
+    _, source, rel = DATASETS[args.dataset]
+    prepared = work / "prepared"
+    if not (prepared / "_meta.json").exists():
+        prepare(
+            source=source,
+            in_dir=str(Path(args.data_dir) / rel),
+            out_dir=str(prepared),
+            window="1000000000000",
+            max_len=args.max_len or 50,
+        )
 
 
 def main() -> None:
@@ -91,12 +96,26 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=0, help="override trainer.epochs (0: config)")
     p.add_argument("--max-len", type=int, default=0)
     p.add_argument("--workdir", default="")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="seeds trained at once, each in its own process (a world-size-1 trainer takes "
+        "cores - 1 threads: on 2 cores, --jobs 2 keeps both busy)",
+    )
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. model.dropout=0.3")
     args = p.parse_args()
     t0 = time.time()
-    with tempfile.TemporaryDirectory(prefix="genrec-quality-") as tmp:
+    stdout = sys.stdout  # progress (ours, Ray's, the trainers') goes to stderr
+    with (
+        tempfile.TemporaryDirectory(prefix="genrec-quality-") as tmp,
+        contextlib.redirect_stdout(sys.stderr),
+    ):
         work = Path(args.workdir or tmp)
-        runs = [run_once(args, seed, work) for seed in range(args.seeds)]
+        prepare_once(args, work)
+        # each seed's trainer is a spawned process: threads here only wait on them
+        with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+            runs = list(pool.map(lambda seed: run_once(args, seed, work), range(args.seeds)))
     out = {
         "benchmark": "quality",
         "dataset": args.dataset,
@@ -117,7 +136,7 @@ def main() -> None:
     out["wall_s"] = round(time.time() - t0, 1)
     if args.dataset in PUBLISHED:
         out["published"] = PUBLISHED[args.dataset]
-    print(json.dumps(out))
+    print(json.dumps(out), file=stdout, flush=True)
 
 
 if __name__ == "__main__":

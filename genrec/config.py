@@ -155,6 +155,9 @@ class TrainerConfig:
     weight_decay: float = 0.0
     sparse_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd", "adam"] = "rowwise_adagrad"
     sparse_lr: float = 0.05
+    # both learning rates ramp linearly from lr/warmup_steps to lr over the first steps
+    # (row-wise Adagrad's first step moves every touched row by ~sparse_lr per coordinate)
+    warmup_steps: int = 0
     grad_clip: float = 1.0
     bf16: bool = True  # autocast on GPU only
     seed: int = 0

@@ -207,6 +207,7 @@ def serve(
         "Ctrl-C stops",
         flush=True,
     )
+
     def _stop(signum, frame):  # SIGTERM (a supervisor stopping us) shuts down like Ctrl-C
         raise KeyboardInterrupt
 

@@ -73,7 +73,8 @@ def full_softmax_loss(
     temperature: float,
 ) -> torch.Tensor:
     """Exact softmax over the whole catalog (small catalogs)."""
-    return F.cross_entropy(states @ catalog_emb.T / temperature, target_index)
+    # scale the [P, D] states, not the [P, C] logits: one pass less over the big matrix
+    return F.cross_entropy((states / temperature) @ catalog_emb.T, target_index)
 
 
 def multitask_loss(

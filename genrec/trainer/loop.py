@@ -165,8 +165,21 @@ class StreamTrainer:
             count=float(targets.numel()), model_hr=hr, model_ndcg=ndcg, pop_hr=p_hr, pop_ndcg=p_ndcg
         )
 
+    def _set_learning_rates(self) -> None:
+        """Both learning rates for this step: a pure function of the step (exact resume)."""
+        t = self.cfg.trainer
+        scale = min(1.0, (self.step + 1) / t.warmup_steps) if t.warmup_steps > 0 else 1.0
+        for group in self.model.fused_optimizer.param_groups:
+            group["lr"] = t.sparse_lr * scale
+        # the fused kernels update inside backward with the rate they were last given;
+        # TorchRec's fused optimizers hand param_groups' lr to them on zero_grad/step
+        self.model.fused_optimizer.zero_grad()
+        for group in self.dense_optimizer.param_groups:
+            group["lr"] = t.lr * scale
+
     def train_step(self, batch, metrics: WindowMetrics) -> float:
         self.model.train()
+        self._set_learning_rates()
         torch.manual_seed(self.cfg.trainer.seed * 7919 + self.step * 131 + self.ctx.rank)
         items = batch.item_ids.cpu()[batch_target_mask(batch)]  # each event once, as a target
         self.sketch_delta.update(items)

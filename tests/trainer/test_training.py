@@ -42,6 +42,8 @@ def _cfg(base: Path, run: str, *extra: str):
         "trainer.eval_batches=2",
         "model.retrieval.num_negatives=64",
         "embeddings.tables=[{name: item, num_embeddings: 4096, dim: 32, features: [item_id]}]",
+        # the resume point (STEPS // 2) falls inside the warm-up: the schedule must resume too
+        f"trainer.warmup_steps={STEPS}",
         *extra,
     )
 
@@ -120,6 +122,47 @@ def test_checkpoint_reshards_2_to_1_and_1_to_2(runs):
         for k, v in expected.items():
             key = k if k in got else "_dmp_wrapped_module." + k
             torch.testing.assert_close(got[key], v, rtol=0, atol=0, msg=k)
+
+
+def _first_step_updates(rank: int, world_size: int, base: str) -> dict:
+    """One training step from the same init with warm-up off and over 4 steps: the change of
+    every weight."""
+    import pyarrow.dataset as pads
+
+    from genrec.data_pipeline.batch import sequences_from_rows
+    from genrec.trainer.distributed import context_from_initialized
+    from genrec.trainer.loop import StreamTrainer
+    from genrec.trainer.progressive import WindowMetrics
+
+    first_window = sorted((Path(base) / "prepared").glob("window=*"))[0]
+    rows = pads.dataset(str(first_window), format="parquet").head(16)
+    out = {}
+    for warmup in (0, 4):
+        cfg = _cfg(Path(base), f"warmup{warmup}", f"trainer.warmup_steps={warmup}")
+        trainer = StreamTrainer(cfg, context_from_initialized("cpu"))
+        before = {k: v.detach().clone() for k, v in _local_weights(trainer).items()}
+        trainer.train_step(sequences_from_rows(rows, cfg.model.max_len), WindowMetrics())
+        out[warmup] = {k: v - before[k] for k, v in _local_weights(trainer).items()}
+        trainer.logger.close()
+    return out
+
+
+def _local_weights(trainer) -> dict[str, torch.Tensor]:
+    return {
+        k: v.local_shards()[0].tensor if isinstance(v, ShardedTensor) else v
+        for k, v in trainer.model.state_dict().items()
+        if v.dtype.is_floating_point
+    }
+
+
+def test_warmup_scales_the_first_updates_of_both_optimizers(prepared):
+    """AdamW's and row-wise Adagrad's first steps are lr * g / |g|: warm-up over 4 steps must
+    shrink every weight's first update exactly 4 times (sparse table and dense layers alike)."""
+    upd = run_on_ranks(_first_step_updates, world_size=1, args=(str(prepared),))[0]
+    moved = [k for k, d in upd[0].items() if d.numel() and d.abs().max() > 0]
+    assert any("embedding" in k for k in moved) and any("encoder" in k for k in moved), moved
+    for k in moved:
+        torch.testing.assert_close(upd[4][k] * 4, upd[0][k], rtol=1e-3, atol=1e-6, msg=k)
 
 
 def test_plot_writes_curves(runs):
