@@ -56,14 +56,18 @@ def run_once(args, seed: int, work: Path) -> dict:
         overrides.append(f"trainer.epochs={args.epochs}")
     cfg = load_config(ROOT / "configs" / cfg_name, overrides)
     t0 = time.time()
-    train(cfg, resume=False)
-    summary = json.loads((Path(cfg.trainer.run_dir) / "summary.json").read_text())
+    summary_path = Path(cfg.trainer.run_dir) / "summary.json"
+    if args.reuse and summary_path.exists():
+        print(f"seed {seed}: reusing the finished run {summary_path}", file=sys.stderr)
+    else:
+        train(cfg, resume=False)
+    summary = json.loads(summary_path.read_text())
     final = summary["windows"][-1]
     return {
         **{m: final[f"test/{m}"] for m in METRICS},
         **{f"most_popular/{m}": final[f"test/most_popular/{m}"] for m in METRICS},
         "valid/ndcg@10": final["valid"],
-        "seconds": time.time() - t0,
+        "seconds": final.get("seconds", time.time() - t0),
         "best_step": final["best_epoch_step"],
         "epochs": len(summary["windows"]) - 1,
     }
@@ -96,6 +100,12 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=0, help="override trainer.epochs (0: config)")
     p.add_argument("--max-len", type=int, default=0)
     p.add_argument("--workdir", default="")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="read seeds already finished in --workdir (run-seedN/summary.json) instead of "
+        "training them again (same settings are the caller's responsibility)",
+    )
     p.add_argument(
         "--jobs",
         type=int,
@@ -130,6 +140,7 @@ def main() -> None:
     out["most_popular"] = {
         m: round(statistics.mean(r[f"most_popular/{m}"] for r in runs), 5) for m in METRICS
     }
+    out["per_seed"] = [{m: round(r[m], 5) for m in METRICS} for r in runs]
     out["valid_ndcg@10"] = [round(r["valid/ndcg@10"], 5) for r in runs]
     out["epochs"] = [r["epochs"] for r in runs]
     out["seconds_per_seed"] = [round(r["seconds"], 1) for r in runs]

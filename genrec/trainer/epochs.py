@@ -134,6 +134,7 @@ class EpochTrainer(StreamTrainer):
         return out
 
     def run(self, resume: bool = False, progress: bool = True) -> list[dict]:
+        t_start = time.time()
         table = read_user_sequences(self.cfg.data.prepared_dir)
         train, valid, test = (loo_view(table, s) for s in ("train", "valid", "test"))
         best, best_step, bad, history = -1.0, -1, 0, []
@@ -177,6 +178,7 @@ class EpochTrainer(StreamTrainer):
             "best_epoch_step": best_step,
             "valid": best,
             **{f"test/{k}": v for k, v in self.score(test).items()},
+            "seconds": time.time() - t_start,  # training and scoring, start-up excluded
         }
         history.append(result)
         self.history = history
