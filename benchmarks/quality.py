@@ -70,7 +70,41 @@ def run_once(args, seed: int, work: Path) -> dict:
         "seconds": final.get("seconds", time.time() - t0),
         "best_step": final["best_epoch_step"],
         "epochs": len(summary["windows"]) - 1,
+        "curve": [
+            (row["epoch"], row["valid/recall@10"], row["valid/ndcg@10"])
+            for row in summary["windows"][:-1]
+        ],
+        "valid_most_popular": {
+            m: summary["windows"][0].get(f"valid/most_popular/{m}") for m in METRICS
+        },
     }
+
+
+def plot_curves(args, runs: list[dict], path: Path) -> None:
+    """Validation R@10 and N@10 per epoch, one line per seed, most-popular for scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for seed, r in enumerate(runs):
+        epochs, recall, ndcg = zip(*r["curve"]) if r["curve"] else ((), (), ())
+        for ax, ys in zip(axes, (recall, ndcg)):
+            ax.plot(epochs, ys, marker=".", label=f"seed {seed}")
+    for ax, name in zip(axes, ("recall@10", "ndcg@10")):
+        pop = runs[0]["valid_most_popular"][name]
+        if pop is not None:
+            ax.axhline(pop, color="grey", ls="--", label="most popular")
+        ax.set_xlabel("epoch")
+        ax.set_title(f"validation {name}")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"{args.model} on {args.dataset} (leave-one-out, full catalog)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def prepare_once(args, work: Path) -> None:
@@ -100,6 +134,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=0, help="override trainer.epochs (0: config)")
     p.add_argument("--max-len", type=int, default=0)
     p.add_argument("--workdir", default="")
+    p.add_argument("--plot", default="", help="write validation curves per seed to this PNG")
     p.add_argument(
         "--reuse",
         action="store_true",
@@ -145,6 +180,9 @@ def main() -> None:
     out["epochs"] = [r["epochs"] for r in runs]
     out["seconds_per_seed"] = [round(r["seconds"], 1) for r in runs]
     out["wall_s"] = round(time.time() - t0, 1)
+    if args.plot:
+        plot_curves(args, runs, Path(args.plot))
+        out["plot"] = args.plot
     if args.dataset in PUBLISHED:
         out["published"] = PUBLISHED[args.dataset]
     print(json.dumps(out), file=stdout, flush=True)
