@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -50,9 +51,26 @@ def quiet_library_warnings() -> None:
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
 
+def _exit_with_parent(poll_s: float = 1.0) -> None:
+    """End this spawned worker when the launching process dies.
+
+    A killed launcher (SIGKILL, OOM killer, a terminal closed) otherwise leaves its spawned
+    ranks training on as orphans: holding the cores, writing into the run directory."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:  # re-parented: the launcher is gone
+                os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _local_worker(rank: int, cfg_dict: dict, world_size: int, port: int, resume: bool) -> None:
     from genrec.trainer.loop import run_worker
 
+    _exit_with_parent()
     quiet_library_warnings()
     # Co-located ranks split the cores, less one for the stream reader and collectives:
     # oversubscribed OpenMP threads spin-wait (1 rank on a busy 2-core machine ran 10x
@@ -63,6 +81,7 @@ def _local_worker(rank: int, cfg_dict: dict, world_size: int, port: int, resume:
     ctx = init_distributed(
         rank, world_size, cfg.sharding.topology.device, cfg.trainer.backend, master_port=port
     )
+    _record_worker(Path(cfg.trainer.run_dir), rank)
     try:
         run_worker(cfg, ctx, resume=resume)
     finally:

@@ -165,6 +165,61 @@ def test_warmup_scales_the_first_updates_of_both_optimizers(prepared):
         torch.testing.assert_close(upd[4][k] * 4, upd[0][k], rtol=1e-3, atol=1e-6, msg=k)
 
 
+def test_killed_launcher_takes_its_workers_down(prepared, tmp_path):
+    """SIGKILL the launching process mid-run: its 2 spawned ranks must exit, not train on as
+    orphans holding the cores and writing into the run directory.
+
+    The launcher starts with SIGINT ignored, as every `cmd &` of a non-interactive shell
+    (nohup jobs, scripts) does: torch's spawn only arranges a SIGINT on parent death, which
+    such workers inherit as ignored (they trained on for half an hour before the fix)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from genrec.config import dump_config
+    from genrec.trainer.launch import WORKERS_DIR
+
+    run = tmp_path / "orphans"
+    # batches of 2 sequences: a pass long enough to be mid-run when the launcher is killed
+    cfg = _cfg(prepared, "unused", f"trainer.run_dir={run}", "trainer.batch_size=2")
+    (tmp_path / "cfg.yaml").write_text(dump_config(cfg))
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "genrec.cli", "train", str(tmp_path / "cfg.yaml"), "--no-resume"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    files = [run / WORKERS_DIR / f"rank-{r}.json" for r in range(2)]
+    deadline = time.time() + 120
+    while not all(f.exists() for f in files):
+        assert launcher.poll() is None, "the run ended before its workers registered"
+        assert time.time() < deadline, "workers never registered"
+        time.sleep(0.2)
+    pids = [json.loads(f.read_text())["pid"] for f in files]
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        # a zombie (exited, not yet reaped by init) counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+
+    deadline = time.time() + 30
+    while any(alive(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.2)
+    survivors = [p for p in pids if alive(p)]
+    for p in survivors:  # never leave them running past the test
+        os.kill(p, signal.SIGKILL)
+    assert not survivors, f"ranks {survivors} outlived their launcher"
+    assert not (run / "summary.json").exists(), "the run finished before the kill: lengthen it"
+
+
 def test_plot_writes_curves(runs):
     from genrec.trainer.plot import plot_run
 
