@@ -89,6 +89,9 @@ class RetrievalConfig:
     logq_correction: bool = True
     temperature: float = 0.05
     full_softmax: bool = False  # exact softmax over the catalog (small catalogs only)
+    # softmax: the above; bce: SASRec's original objective, binary cross-entropy on each
+    # position's target and one of the sampled negatives (drawn per position)
+    loss: Literal["softmax", "bce"] = "softmax"
     top_k_block: int = 65536  # catalog rows scored per block in top-K
     exclude_history: bool = True
 

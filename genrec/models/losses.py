@@ -77,6 +77,23 @@ def full_softmax_loss(
     return F.cross_entropy((states / temperature) @ catalog_emb.T, target_index)
 
 
+def bce_one_negative_loss(
+    states: torch.Tensor,  # [P, D]
+    pos_emb: torch.Tensor,  # [P, D] each position's target
+    neg_emb: torch.Tensor,  # [P, D] one sampled item per position
+    pos_ids: torch.Tensor,  # [P]
+    neg_ids: torch.Tensor,  # [P]
+    *,
+    temperature: float,
+) -> torch.Tensor:
+    """SASRec's objective (Kang & McAuley 2018): -log s(pos) - log(1 - s(neg)) per position,
+    mean over positions; a negative that equals the position's target is dropped."""
+    pos = (states * pos_emb).sum(-1) / temperature
+    neg = (states * neg_emb).sum(-1) / temperature
+    keep = (neg_ids != pos_ids).to(neg.dtype)
+    return (F.softplus(-pos) + keep * F.softplus(neg)).mean()
+
+
 def multitask_loss(
     logits: torch.Tensor,  # [P, K]
     labels: torch.Tensor,  # [P, K] float

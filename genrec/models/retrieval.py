@@ -31,7 +31,7 @@ from genrec.config import Config, ModelConfig
 from genrec.data_pipeline.batch import ITEM_KEY, Batch
 from genrec.embeddings.tables import SparseEmbeddings
 from genrec.models.hstu import HSTUEncoder
-from genrec.models.losses import full_softmax_loss, sampled_softmax_loss
+from genrec.models.losses import bce_one_negative_loss, full_softmax_loss, sampled_softmax_loss
 from genrec.models.tokens import TokenBuilder
 
 
@@ -132,6 +132,23 @@ class HSTURetrieval(nn.Module):
             return RetrievalOutput(zero, 0, 0)
         pos_ids = batch.item_ids[tgt]
         pos_emb = self._item_vectors(item_rows[tgt])
+        if self.rcfg.loss == "bce":
+            if self.rcfg.full_softmax or negatives.numel() == 0:
+                raise ValueError(
+                    "model.retrieval.loss=bce needs sampled negatives: set "
+                    "model.retrieval.full_softmax=false and num_negatives > 0"
+                )
+            # one of the step's sampled negatives per position (the trainer seeds the RNG)
+            pick = torch.randint(int(negatives.numel()), (P,), device=states.device)
+            loss = bce_one_negative_loss(
+                states,
+                pos_emb,
+                neg_emb[pick],
+                pos_ids,
+                negatives.to(states.device)[pick],
+                temperature=self.rcfg.temperature,
+            )
+            return RetrievalOutput(loss, P, 2)
         if self.rcfg.full_softmax:
             index = catalog_index(negatives, pos_ids)
             loss = full_softmax_loss(states, neg_emb, index, temperature=self.rcfg.temperature)

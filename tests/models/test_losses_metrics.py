@@ -7,7 +7,12 @@ import math
 import pytest
 import torch
 
-from genrec.models.losses import full_softmax_loss, in_batch_log_count, sampled_softmax_loss
+from genrec.models.losses import (
+    bce_one_negative_loss,
+    full_softmax_loss,
+    in_batch_log_count,
+    sampled_softmax_loss,
+)
 from genrec.models.metrics import (
     auc,
     hit_rate_at_k,
@@ -77,6 +82,22 @@ def test_full_softmax_hand_computed():
     got = full_softmax_loss(STATES[:1], catalog, torch.tensor([0]), temperature=1.0)
     e = math.exp
     assert float(got) == pytest.approx(-1 + math.log(e(1) + e(0) + e(0.6)), rel=1e-6)
+
+
+def test_bce_one_negative_hand_computed():
+    states = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    pos = torch.tensor([[0.6, 0.8], [0.0, 1.0]])
+    neg = torch.tensor([[-1.0, 0.0], [0.0, 1.0]])  # row 1's negative is its own target
+    got = bce_one_negative_loss(
+        states, pos, neg, torch.tensor([4, 9]), torch.tensor([7, 9]), temperature=0.5
+    )
+
+    def sig(x):
+        return 1 / (1 + math.exp(-x))
+
+    # row 0: pos logit 0.6/0.5, neg logit -1/0.5; row 1: pos logit 2, its negative dropped
+    want = (-math.log(sig(1.2)) - math.log(1 - sig(-2.0)) - math.log(sig(2.0))) / 2
+    assert abs(float(got) - want) < 1e-6
 
 
 def test_rank_metrics_hand_computed():
