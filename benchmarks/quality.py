@@ -1,11 +1,13 @@
 """Real-data quality: HSTU (or SASRec) on Amazon Sports/Toys and MovieLens-100K.
 
-    python benchmarks/quality.py --data-dir ../shared/data --dataset sports --seeds 3
+    python benchmarks/quality.py --data-dir ../shared/data --dataset sports --seeds 3 --jobs 3 \
+        [--plot curves.png] [config overrides, e.g. trainer.epochs=15 trainer.patience=3]
 
 Leave-one-out (last item test, second-to-last validation for early stopping and model
 selection), full-catalog ranking with history items excluded; R@5, N@5, R@10, N@10 on test
 as mean and standard deviation over seeds, plus wall time. Prints one JSON line; progress
 goes to stderr. The data directory is a flag (or GENREC_DATA_DIR), never a path in the repo.
+`--workdir D --reuse` reads seeds already finished in D instead of training them again.
 """
 
 from __future__ import annotations
