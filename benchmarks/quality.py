@@ -93,7 +93,7 @@ def plot_curves(args, runs: list[dict], path: Path) -> None:
     for seed, r in enumerate(runs):
         epochs, recall, ndcg = zip(*r["curve"]) if r["curve"] else ((), (), ())
         for ax, ys in zip(axes, (recall, ndcg)):
-            ax.plot(epochs, ys, marker=".", label=f"seed {seed}")
+            ax.plot(epochs, ys, marker=".", label=f"seed {args.first_seed + seed}")
     for ax, name in zip(axes, ("recall@10", "ndcg@10")):
         pop = runs[0]["valid_most_popular"][name]
         if pop is not None:
@@ -133,6 +133,9 @@ def main() -> None:
     p.add_argument("--dataset", choices=sorted(DATASETS), required=True)
     p.add_argument("--model", choices=["hstu", "sasrec"], default="hstu")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument(
+        "--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed+seeds-1"
+    )
     p.add_argument("--epochs", type=int, default=0, help="override trainer.epochs (0: config)")
     p.add_argument("--max-len", type=int, default=0)
     p.add_argument("--workdir", default="")
@@ -162,7 +165,12 @@ def main() -> None:
         prepare_once(args, work)
         # each seed's trainer is a spawned process: threads here only wait on them
         with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
-            runs = list(pool.map(lambda seed: run_once(args, seed, work), range(args.seeds)))
+            runs = list(
+                pool.map(
+                    lambda seed: run_once(args, seed, work),
+                    range(args.first_seed, args.first_seed + args.seeds),
+                )
+            )
     out = {
         "benchmark": "quality",
         "dataset": args.dataset,
