@@ -181,9 +181,9 @@ def test_killed_launcher_takes_its_workers_down(prepared, tmp_path):
     from genrec.config import dump_config
     from genrec.trainer.launch import WORKERS_DIR
 
-    run = tmp_path / "orphans"
+    run = prepared / "orphans"
     # batches of 2 sequences: a pass long enough to be mid-run when the launcher is killed
-    cfg = _cfg(prepared, "unused", f"trainer.run_dir={run}", "trainer.batch_size=2")
+    cfg = _cfg(prepared, "orphans", "trainer.batch_size=2")
     (tmp_path / "cfg.yaml").write_text(dump_config(cfg))
     launcher = subprocess.Popen(
         [sys.executable, "-m", "genrec.cli", "train", str(tmp_path / "cfg.yaml"), "--no-resume"],
