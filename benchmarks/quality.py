@@ -65,6 +65,8 @@ def run_once(args, seed: int, work: Path) -> dict:
         train(cfg, resume=False)
     summary = json.loads(summary_path.read_text())
     final = summary["windows"][-1]
+    # epoch rows; with trainer.eval_every > 1 only some carry validation metrics
+    validated = [row for row in summary["windows"][:-1] if "valid/recall@10" in row]
     return {
         **{m: final[f"test/{m}"] for m in METRICS},
         **{f"most_popular/{m}": final[f"test/most_popular/{m}"] for m in METRICS},
@@ -73,11 +75,10 @@ def run_once(args, seed: int, work: Path) -> dict:
         "best_step": final["best_epoch_step"],
         "epochs": len(summary["windows"]) - 1,
         "curve": [
-            (row["epoch"], row["valid/recall@10"], row["valid/ndcg@10"])
-            for row in summary["windows"][:-1]
+            (row["epoch"], row["valid/recall@10"], row["valid/ndcg@10"]) for row in validated
         ],
         "valid_most_popular": {
-            m: summary["windows"][0].get(f"valid/most_popular/{m}") for m in METRICS
+            m: validated[0].get(f"valid/most_popular/{m}") if validated else None for m in METRICS
         },
     }
 

@@ -92,6 +92,9 @@ class RetrievalConfig:
     # softmax: the above; bce: SASRec's original objective, binary cross-entropy on each
     # position's target and one of the sampled negatives (drawn per position)
     loss: Literal["softmax", "bce"] = "softmax"
+    # cosine: L2-normalized states and items (HSTU's); dot: raw inner products (SASRec's).
+    # Training, evaluation and the exported program all score the same way.
+    similarity: Literal["cosine", "dot"] = "cosine"
     top_k_block: int = 65536  # catalog rows scored per block in top-K
     exclude_history: bool = True
 
@@ -167,7 +170,8 @@ class TrainerConfig:
     run_dir: str = "runs/default"
     eval_batches: int = 0  # progressive eval batches per window (0: the whole window)
     epochs: int = 1
-    patience: int = 3
+    patience: int = 3  # validations (not epochs) without improvement before stopping
+    eval_every: int = 1  # epochs mode: validate after every N-th epoch (and the last)
     checkpoint_every: int = 0  # steps (0: only at window ends)
     keep_last: int = 2
     max_steps: int = 0  # stop after this many steps (0: until the stream ends)

@@ -145,7 +145,7 @@ class Artifact:
 
     @torch.no_grad()
     def encode(self, histories, timestamps=None, actions=None) -> torch.Tensor:
-        """[B, D] normalized user states after each history's last event."""
+        """[B, D] user states (as the model scores them) after each history's last event."""
         if self.encoder is None:
             raise ArtifactError(f"{self.dir}: a {self.task} artifact has no user encoder")
         return self.encoder(*self._inputs(histories, timestamps, actions))

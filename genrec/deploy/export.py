@@ -143,9 +143,13 @@ def _feature_spec(cfg: Config, ranker: bool) -> dict:
     if ranker:
         inputs["cand_rows"] = "int64 [B, C, k]: hashed rows of the candidates"
         inputs["cand_timestamps"] = "int64 [B, C] (serving: the last history timestamp)"
+    cosine = cfg.model.retrieval.similarity == "cosine"
+    state = "[B, D] " + (
+        "L2-normalized user state" if cosine else "user state (dot-product scores)"
+    )
     return {
         "inputs": inputs,
-        "output": "[B, C, K] task logits" if ranker else "[B, D] L2-normalized user state",
+        "output": "[B, C, K] task logits" if ranker else state,
         "max_len": cfg.model.max_len,
         "max_history": cfg.deploy.max_history,
         "max_k": cfg.deploy.max_k,

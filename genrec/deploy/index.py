@@ -4,7 +4,8 @@
     ids, scores = index.search(queries, k=10, exclude=[{3, 7}, set()])
     index.save(directory); ItemIndex.load(directory, ids, emb)
 
-Item embeddings are L2-normalized, so inner product is the model's cosine score. The exact
+Item embeddings are stored as the model scores them (L2-normalized for the default cosine
+similarity, raw for retrieval.similarity=dot), so inner product is the model's score. The exact
 path scores the catalog in blocks of `block` rows (memory O(B * block)) and keeps a running
 top-k; it is what the model's own `top_k` computes, so its lists match the eager model.
 The ANN paths store faiss row numbers 0..N-1 and map them back to raw item ids; excluded

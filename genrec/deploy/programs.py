@@ -10,7 +10,8 @@ inside the program, so the program's weights are the embedding table(s) + the de
 Inputs (B sequences, L events, k hashes of item_id, C candidates; all int64):
 
     UserEncoderProgram(item_rows [B, L, k], actions [B, L], timestamps [B, L], lengths [B])
-        -> [B, D] L2-normalized user state after each sequence's last event
+        -> [B, D] user state after each sequence's last event (L2-normalized unless
+           retrieval.similarity=dot)
     RankerProgram(item_rows, actions, timestamps, lengths, cand_rows [B, C, k], cand_ts [B, C])
         -> [B, C, K] per-task logits of the candidates (target-aware, as in training)
 

@@ -6,7 +6,7 @@
 
 Endpoints
     POST /recommend  {history, timestamps?, actions?, k, exclude_history?}
-                     -> {item_ids: [...], scores: [...]} (cosine scores, best first)
+                     -> {item_ids: [...], scores: [...]} (model scores, best first)
     POST /rank       {history, timestamps?, actions?, candidates}
                      -> {candidates: [...], scores: {task: [...]}} (ranking artifacts)
     GET  /health     -> {status, task, backend, items}

@@ -9,11 +9,12 @@ same collectives once per step.
 Target positions: event t of sequence b is a target if it is among the last num_targets[b]
 events and t >= 1; it is predicted from the state after event t-1 (see `tokens.py`).
 Item scores are cosines of L2-normalized user states and item embeddings (the input item
-table, projected to model.dim when the table is narrower/wider), divided by temperature.
+table, projected to model.dim when the table is narrower/wider), divided by temperature;
+with retrieval.similarity=dot (SASRec's) they are raw inner products of the same vectors.
 
 Export: `encode_last(item_emb, actions, timestamps, lengths[, context_emb])` takes plain
 PADDED tensors ([B, L, ...], the item rows already looked up, so no KJT and no hashing
-inside) and returns the normalized state after each sequence's last event, [B, D]. It has
+inside) and returns the (scored) state after each sequence's last event, [B, D]. It has
 no data-dependent Python control flow, so torch.export can trace it with B and L dynamic.
 The jagged training path groups sequences by length in Python, which export cannot trace.
 """
@@ -105,13 +106,17 @@ class HSTURetrieval(nn.Module):
         out = self.encoder(tok.x, tok.offsets, max(tok.max_len, 1), tok.timestamps)
         return out, tok
 
+    def _scored(self, x: torch.Tensor) -> torch.Tensor:
+        """Vectors as they are scored: L2-normalized (cosine) or raw (dot, SASRec's)."""
+        return F.normalize(x, dim=-1) if self.rcfg.similarity == "cosine" else x
+
     def _item_vectors(self, rows: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.tokens.item_proj(rows), dim=-1)
+        return self._scored(self.tokens.item_proj(rows))
 
     def _states(self, batch: Batch, item_rows: torch.Tensor, context: dict):
         out, tok = self._encode(batch, item_rows, context)
         tgt, rows = target_events(batch)
-        states = F.normalize(out[tok.state_index[tgt - 1]], dim=-1)
+        states = self._scored(out[tok.state_index[tgt - 1]])
         return states, tgt, rows, out
 
     # ------------------------------------------------------------------ API
@@ -168,13 +173,13 @@ class HSTURetrieval(nn.Module):
         return RetrievalOutput(loss, P, n_cand)
 
     def user_states(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(states [P, D] normalized, target raw ids [P], sequence row [P]) per target position."""
+        """(states [P, D] as scored, target raw ids [P], sequence row [P]) per target position."""
         item_rows, _, context = self._lookup(batch, batch.item_ids.new_zeros(0))
         states, tgt, rows, _ = self._states(batch, item_rows, context)
         return states, batch.item_ids[tgt], rows
 
     def item_embeddings(self, raw_ids: torch.Tensor) -> torch.Tensor:
-        """[n, D] L2-normalized output embeddings of raw item ids (one sparse lookup)."""
+        """[n, D] output embeddings of raw item ids as scored (one sparse lookup)."""
         kjt = KeyedJaggedTensor(
             keys=[ITEM_KEY],
             values=raw_ids.to(torch.int64),
@@ -228,12 +233,12 @@ class HSTURetrieval(nn.Module):
         context_emb: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Exportable: padded item rows [B, L, Di], actions/timestamps [B, L], lengths [B]
-        (>= 1; events left-aligned) -> normalized user state after the last event, [B, D]."""
+        (>= 1; events left-aligned) -> user state (as scored) after the last event, [B, D]."""
         x, ts, tok_len = self.tokens.padded(item_emb, actions, timestamps, lengths, context_emb)
         out = self.encoder.forward_padded(x, tok_len, ts)
         last = (tok_len - 1).clamp_min(0)
         idx = last[:, None, None].expand(-1, 1, out.shape[-1])
-        return F.normalize(torch.gather(out, 1, idx)[:, 0], dim=-1)
+        return self._scored(torch.gather(out, 1, idx)[:, 0])
 
 
 def catalog_index(catalog_ids: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -144,6 +144,13 @@ def build_plan(
     local = local_world_size(world_size, cfg.sharding.topology.hosts)
     if not modules:  # every table is replicated (data_parallel): nothing to shard
         return ShardingPlan({})
+    if device == "cpu" and cfg.trainer.sparse_optimizer == "adam":
+        tables = sorted(t.name for ts in modules.values() for t in ts)
+        raise ValueError(
+            f"trainer.sparse_optimizer=adam: FBGEMM's fused CPU kernels have no Adam, and "
+            f"tables {tables} are sharded; on CPU use rowwise_adagrad, adagrad or sgd, or "
+            "sharding.strategy=data_parallel so the dense optimizer (AdamW) trains them"
+        )
     if cfg.sharding.strategy == "auto":
         planner = EmbeddingShardingPlanner(
             topology=topology_from_config(cfg, world_size, device),

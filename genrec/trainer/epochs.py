@@ -4,8 +4,10 @@ Per user sequence (oldest first): the last event is the test target, the second-
 validation target, everything before is training data (every position a target). Each
 epoch trains on the training parts, then scores the validation targets against the full
 catalog (history excluded); the best epoch by validation NDCG@10 is checkpointed, training
-stops after `trainer.patience` epochs without improvement, and the best checkpoint is scored
-on the test targets. Model selection never looks at test.
+stops after `trainer.patience` validations without improvement, and the best checkpoint is
+scored on the test targets. Model selection never looks at test. With trainer.eval_every=N
+only every N-th epoch (and the last) is validated: for models that need hundreds of cheap
+epochs, where scoring the full catalog would cost as much as training.
 """
 
 from __future__ import annotations
@@ -135,6 +137,8 @@ class EpochTrainer(StreamTrainer):
 
     def run(self, resume: bool = False, progress: bool = True) -> list[dict]:
         t_start = time.time()
+        if self.cfg.trainer.eval_every < 1:
+            raise ValueError(f"trainer.eval_every={self.cfg.trainer.eval_every}: must be >= 1")
         table = read_user_sequences(self.cfg.data.prepared_dir)
         train, valid, test = (loo_view(table, s) for s in ("train", "valid", "test"))
         best, best_step, bad, history = -1.0, -1, 0, []
@@ -147,13 +151,22 @@ class EpochTrainer(StreamTrainer):
                 self.step += 1
                 metrics_loss, n_loss = metrics_loss + loss, n_loss + 1
             self.baseline.sync()  # fold this epoch's training counts in on every rank
+            row = {"epoch": epoch, "loss": metrics_loss / max(n_loss, 1)}
+            last = epoch == self.cfg.trainer.epochs - 1
+            if (epoch + 1) % self.cfg.trainer.eval_every and not last:
+                row["seconds"] = time.time() - t0
+                history.append(row)
+                self.logger.log("epoch", epoch, {k: v for k, v in row.items() if k != "epoch"})
+                if progress and self.ctx.is_main:
+                    print(
+                        f"epoch {epoch:>3}  loss {row['loss']:.4f}  ({row['seconds']:.1f} s)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                continue
             val = self.score(valid)
-            row = {
-                "epoch": epoch,
-                "loss": metrics_loss / max(n_loss, 1),
-                "seconds": time.time() - t0,
-                **{f"valid/{k}": v for k, v in val.items()},
-            }
+            row["seconds"] = time.time() - t0
+            row.update({f"valid/{k}": v for k, v in val.items()})
             history.append(row)
             self.logger.log("epoch", epoch, {k: v for k, v in row.items() if k != "epoch"})
             if progress and self.ctx.is_main:

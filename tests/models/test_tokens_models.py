@@ -212,3 +212,47 @@ def test_bad_actions_fail_early():
     )
     with pytest.raises(ValueError, match="model.num_actions"):
         model.user_states(bad)
+
+
+@torch.no_grad()
+def test_dot_similarity_scores_raw_inner_products_everywhere():
+    """retrieval.similarity=dot (SASRec's): the same vectors as cosine, unnormalized, in the
+    BCE loss, in top-k and in the exportable encode_last."""
+    batch = random_batch([5, 8], [2, 3], seed=8, num_items=30)
+    catalog = torch.arange(30)
+    models = {}
+    for sim in ("cosine", "dot"):
+        torch.manual_seed(0)
+        cfg = small_config()
+        cfg.model.kind = "sasrec"
+        cfg.model.retrieval.similarity = sim
+        cfg.model.retrieval.loss = "bce"
+        cfg.model.retrieval.temperature = 1.0
+        models[sim] = build_model(cfg).eval()
+    states, targets, _ = models["dot"].user_states(batch)
+    items = models["dot"].item_embeddings(catalog)
+    norm = torch.nn.functional.normalize
+    # same weights: cosine vectors are the dot vectors normalized, and dot ones are not unit
+    torch.testing.assert_close(models["cosine"].user_states(batch)[0], norm(states, dim=-1))
+    torch.testing.assert_close(models["cosine"].item_embeddings(catalog), norm(items, dim=-1))
+    assert (states.norm(dim=-1) - 1).abs().max() > 0.1
+    # BCE on raw inner products: one negative (item 7) for every position
+    out = models["dot"](batch, torch.tensor([7]), torch.zeros(1))
+    pos = (states * items[targets]).sum(-1)
+    neg = states @ items[7]
+    keep = (targets != 7).float()
+    sp = torch.nn.functional.softplus
+    torch.testing.assert_close(out.loss, (sp(-pos) + keep * sp(neg)).mean())
+    # top-k ranks by the raw inner product
+    _, scores, _ = models["dot"].top_k(batch, catalog, 5, exclude_history=False, block=7)
+    torch.testing.assert_close(scores, (states @ items.T).topk(5, dim=1).values)
+    # the exportable path returns the same raw state as the jagged one
+    one = random_batch([5, 8], [1, 1], seed=9)
+    want, _, _ = models["dot"].user_states(one)
+    hist_len = one.lengths - 1
+    ar = torch.arange(int(hist_len.max()))
+    idx = (one.offsets[:-1, None] + ar[None]).clamp_max(one.num_tokens - 1)
+    rows = models["dot"].sparse(one.features)["item_id"].values()[idx]
+    rows = rows * (ar[None] < hist_len[:, None])[..., None]
+    got = models["dot"].encode_last(rows, one.actions[idx], one.timestamps[idx], hist_len)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

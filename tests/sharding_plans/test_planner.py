@@ -94,6 +94,12 @@ def test_overrides_and_cpu_limits_fail_early():
     )
     with pytest.raises(ValueError, match="reset_weight_momentum has no CPU kernel"):
         _plan(mc)
+    adam = _cfg("row_wise")
+    adam.trainer.sparse_optimizer = "adam"
+    with pytest.raises(ValueError, match=r"fused CPU kernels have no Adam.*'item', 'tiny', 'user'"):
+        _plan(adam)
+    adam.sharding.topology.device = "cuda"  # FBGEMM's GPU kernels have it
+    assert _plan(adam).plan["ec"]["item"].sharding_type == "row_wise"
     mc.sharding.topology.device = "cuda"
     mc.sharding.strategy = "table_wise"  # MCH tables stay row-wise
     plan = _plan(mc).plan

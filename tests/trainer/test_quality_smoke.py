@@ -65,34 +65,69 @@ def most_popular_test_metrics(seqs: dict[int, list[int]]) -> tuple[float, float]
     return hits / len(seqs), ndcg / len(seqs)
 
 
-def test_quality_smoke_beats_most_popular(tmp_path, shared_data, ray_local):
+@pytest.fixture(scope="module")
+def toys_prepared(tmp_path_factory, shared_data, ray_local):
+    """(user sequences, prepared dir) of the subset, prepared like the benchmark does."""
     from genrec.data_pipeline.sequences import prepare
 
     seqs = toys_subset(shared_data)
     assert len(seqs) == USERS
-    raw = tmp_path / "toys_subset.txt"
+    base = tmp_path_factory.mktemp("toys_subset")
+    raw = base / "toys_subset.txt"
     raw.write_text("".join(f"{u} {' '.join(map(str, s))}\n" for u, s in seqs.items()))
     prepare(
         source="text",
         in_dir=str(raw),
-        out_dir=str(tmp_path / "prepared"),
+        out_dir=str(base / "prepared"),
         window="1000000000000",
         max_len=50,
     )
+    return seqs, base / "prepared"
+
+
+def _train(prepared: Path, run_dir: Path, *overrides: str) -> list[dict]:
     cfg = load_config(
         ROOT / "configs" / "amazon_toys.yaml",
-        [
-            f"data.prepared_dir={tmp_path / 'prepared'}",
-            f"trainer.run_dir={tmp_path / 'run'}",
-            "trainer.epochs=2",
-            "trainer.batch_size=64",
-        ],
+        [f"data.prepared_dir={prepared}", f"trainer.run_dir={run_dir}", *overrides],
     )
     train(cfg, resume=False)
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    test = summary["windows"][-1]
+    return json.loads((run_dir / "summary.json").read_text())["windows"]
+
+
+def test_quality_smoke_beats_most_popular(tmp_path, toys_prepared):
+    seqs, prepared = toys_prepared
+    test = _train(prepared, tmp_path / "run", "trainer.epochs=2", "trainer.batch_size=64")[-1]
     assert test["test/users"] == USERS
     pop_recall, pop_ndcg = most_popular_test_metrics(seqs)
     assert 0.0 < pop_recall < 1.0
     assert test["test/recall@10"] > pop_recall, (test, pop_recall)
     assert test["test/ndcg@10"] > pop_ndcg, (test, pop_ndcg)
+
+
+def test_sasrec_bce_validates_every_nth_epoch(tmp_path, toys_prepared):
+    """SASRec's original setup (BCE, dot product, replicated item table under dense Adam)
+    with trainer.eval_every=2 over 3 epochs: validated after epochs 1 and 2 (the last)
+    only, the best of those two is the one scored on test."""
+    _, prepared = toys_prepared
+    rows = _train(
+        prepared,
+        tmp_path / "run",
+        "model.kind=sasrec",
+        "model.num_layers=1",
+        "model.retrieval.full_softmax=false",
+        "model.retrieval.loss=bce",
+        "model.retrieval.similarity=dot",
+        "model.retrieval.temperature=1.0",
+        "sharding.strategy=data_parallel",
+        "trainer.batch_size=64",
+        "trainer.epochs=3",
+        "trainer.eval_every=2",
+    )
+    epochs, final = rows[:-1], rows[-1]
+    assert [r["epoch"] for r in epochs] == [0, 1, 2]
+    assert ["valid/ndcg@10" in r for r in epochs] == [False, True, True]
+    steps_per_epoch = -(-(USERS) // 64)
+    best = max(epochs[1:], key=lambda r: r["valid/ndcg@10"])
+    assert final["valid"] == best["valid/ndcg@10"]
+    assert final["best_epoch_step"] == steps_per_epoch * (best["epoch"] + 1)
+    assert final["test/users"] == USERS
