@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py --data-dir ../shared/data --dataset sports --seeds 3 --jobs 3 \
         [--plot curves.png] [config overrides, e.g. trainer.epochs=15 trainer.patience=3]
+    python benchmarks/quality.py --dataset toys --model sasrec --config amazon_toys_sasrec.yaml
 
 Leave-one-out (last item test, second-to-last validation for early stopping and model
 selection), full-catalog ranking with history items excluded; R@5, N@5, R@10, N@10 on test
@@ -43,7 +44,7 @@ def run_once(args, seed: int, work: Path) -> dict:
     from genrec.config import load_config
     from genrec.trainer.launch import train
 
-    cfg_name = DATASETS[args.dataset][0]
+    cfg_name = args.config or DATASETS[args.dataset][0]
     prepared = work / "prepared"
     overrides = [
         f"data.prepared_dir={prepared}",
@@ -133,6 +134,11 @@ def main() -> None:
     )
     p.add_argument("--dataset", choices=sorted(DATASETS), required=True)
     p.add_argument("--model", choices=["hstu", "sasrec"], default="hstu")
+    p.add_argument(
+        "--config",
+        default="",
+        help="a file in configs/ instead of the dataset's own (e.g. amazon_toys_sasrec.yaml)",
+    )
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument(
         "--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed+seeds-1"
@@ -176,6 +182,7 @@ def main() -> None:
         "benchmark": "quality",
         "dataset": args.dataset,
         "model": args.model,
+        "config": args.config or DATASETS[args.dataset][0],
         "seeds": args.seeds,
         "overrides": args.overrides,
     }

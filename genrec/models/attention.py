@@ -143,16 +143,9 @@ def hstu_attention_reference(
         )
     if num_targets is not None and bool((num_targets > lengths_t).any()):
         raise ValueError("hstu_attention: num_targets[b] exceeds the length of sequence b")
-    rows_out: list[torch.Tensor] = []
-    vals_out: list[torch.Tensor] = []
-    for members, L in _length_groups(lengths, H):
-        idx_b = torch.tensor(members, dtype=torch.int64, device=q.device)
-        lens = lengths_t[idx_b]
-        ar = torch.arange(L, device=q.device)
-        valid = ar[None, :] < lens[:, None]
-        # padded slots read the sequence's first row; they are masked out of every sum
-        rows = offsets[idx_b][:, None] + torch.where(valid, ar[None, :], 0)
-        out = hstu_attention_padded(
+
+    def group(rows: torch.Tensor, lens: torch.Tensor, idx_b: torch.Tensor) -> torch.Tensor:
+        return hstu_attention_padded(
             q[rows],
             k[rows],
             v[rows],
@@ -163,13 +156,34 @@ def hstu_attention_reference(
             num_targets=num_targets[idx_b] if num_targets is not None else None,
             norm=norm,
         )
+
+    out = by_length_groups(offsets, H, group)
+    return out if out is not None else v.new_zeros(T, H, v.shape[-1]) + 0.0 * v.sum()
+
+
+def by_length_groups(offsets: torch.Tensor, num_heads: int, fn) -> torch.Tensor | None:
+    """Run a padded per-sequence computation group by group (`_length_groups`) and return
+    its outputs as jagged rows in token order, or None when there are no tokens.
+
+    fn(rows [G, L], lengths [G], sequence indices [G]) -> [G, L, ...]: `rows` are the flat
+    token rows of each group member, padded slots pointing at the sequence's first row;
+    their outputs are dropped, so fn must keep padded slots out of the real ones."""
+    lengths_t = offsets[1:] - offsets[:-1]
+    rows_out: list[torch.Tensor] = []
+    vals_out: list[torch.Tensor] = []
+    for members, L in _length_groups(lengths_t.tolist(), num_heads):
+        idx_b = torch.tensor(members, dtype=torch.int64, device=offsets.device)
+        lens = lengths_t[idx_b]
+        ar = torch.arange(L, device=offsets.device)
+        valid = ar[None, :] < lens[:, None]
+        rows = offsets[idx_b][:, None] + torch.where(valid, ar[None, :], 0)
         rows_out.append(rows[valid])
-        vals_out.append(out[valid])
+        vals_out.append(fn(rows, lens, idx_b)[valid])
     if not rows_out:
-        return v.new_zeros(T, H, v.shape[-1]) + 0.0 * v.sum()
+        return None
     all_rows = torch.cat(rows_out)
     inverse = torch.empty_like(all_rows)
-    inverse[all_rows] = torch.arange(all_rows.numel(), device=q.device)
+    inverse[all_rows] = torch.arange(all_rows.numel(), device=offsets.device)
     return torch.cat(vals_out)[inverse]
 
 

@@ -4,8 +4,8 @@ Same inputs (tokens.py), same losses and the same evaluation API as the HSTU mod
 the encoder differs: pre-LayerNorm blocks of softmax multi-head attention (scaled dot
 product, causal or target-aware mask, no relative biases, timestamps unused) and a ReLU
 point-wise feed-forward, with a learned absolute position embedding added to the tokens.
-Selected by model.kind="sasrec". The encoder pads each batch to its longest sequence
-(it is the baseline; HSTU is the jagged one).
+Selected by model.kind="sasrec". The jagged forward groups sequences by similar length
+and pads each group only to its own longest (the same grouping as the HSTU reference op).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genrec.config import ModelConfig
-from genrec.models.attention import _allowed_and_positions
+from genrec.models.attention import _allowed_and_positions, by_length_groups
 from genrec.models.hstu import max_tokens
 from genrec.models.ranking import HSTURanking
 from genrec.models.retrieval import HSTURetrieval
@@ -65,6 +65,7 @@ class SASRecEncoder(nn.Module):
         self.pos_emb = nn.Embedding(self.capacity, cfg.dim)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
         self.blocks = nn.ModuleList(SASRecBlock(cfg) for _ in range(cfg.num_layers))
+        self.heads = cfg.num_heads
         self.final_norm = nn.LayerNorm(cfg.dim)
 
     def forward_padded(
@@ -91,16 +92,14 @@ class SASRecEncoder(nn.Module):
         timestamps: torch.Tensor | None = None,
         num_targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        lengths = offsets[1:] - offsets[:-1]
-        L = int(lengths.max()) if lengths.numel() else 1
-        ar = torch.arange(max(L, 1), device=x.device)
-        valid = ar[None, :] < lengths[:, None]
-        rows = offsets[:-1, None] + torch.where(valid, ar[None, :], 0)
-        rows = rows.clamp_max(max(x.shape[0] - 1, 0))
-        if x.shape[0] == 0:
-            return self.final_norm(x)
-        out = self.forward_padded(x[rows], lengths, None, num_targets)
-        return out[valid][torch.argsort(rows[valid])]
+        # sequences grouped by similar length, each group padded only to its own longest
+        # (Amazon histories average ~9 events under max_len 50: ~4x fewer padded tokens)
+        def group(rows: torch.Tensor, lens: torch.Tensor, idx_b: torch.Tensor) -> torch.Tensor:
+            nt = num_targets[idx_b] if num_targets is not None else None
+            return self.forward_padded(x[rows], lens, None, nt)
+
+        out = by_length_groups(offsets, self.heads, group)
+        return out if out is not None else self.final_norm(x)
 
 
 class SASRecRetrieval(HSTURetrieval):

@@ -256,3 +256,29 @@ def test_dot_similarity_scores_raw_inner_products_everywhere():
     rows = rows * (ar[None] < hist_len[:, None])[..., None]
     got = models["dot"].encode_last(rows, one.actions[idx], one.timestamps[idx], hist_len)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("targets", [None, [1, 2, 3, 5, 10, 0, 3]])
+def test_sasrec_length_groups_equal_one_padded_batch(targets):
+    """The jagged SASRec forward (groups of similar length, each padded to its own longest)
+    equals padding the whole batch to its longest sequence, values and gradients."""
+    from genrec.models.sasrec import SASRecEncoder
+
+    torch.manual_seed(0)
+    cfg = small_config(kind="sasrec", num_heads=2)
+    enc = SASRecEncoder(cfg.model).eval()
+    lengths = torch.tensor([1, 5, 9, 17, 30, 0, 3])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    nt = torch.tensor(targets) if targets else None
+    x = torch.randn(int(lengths.sum()), cfg.model.dim, requires_grad=True)
+    got = enc(x, offsets, 30, None, nt)
+    L = int(lengths.max())
+    ar = torch.arange(L)
+    valid = ar[None] < lengths[:, None]
+    rows = (offsets[:-1, None] + ar[None]).clamp_max(x.shape[0] - 1)
+    want = enc.forward_padded(x[rows], lengths, None, nt)[valid]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    w = torch.randn_like(got)
+    (g_got,) = torch.autograd.grad((got * w).sum(), x)
+    (g_want,) = torch.autograd.grad((want * w).sum(), x)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-5)
