@@ -60,6 +60,9 @@ class TableConfig:
     features: list[str] = field(default_factory=lambda: ["item_id"])
     kind: Literal["hashed", "managed_collision"] = "hashed"
     num_hashes: int = 1  # k seeded hash functions, rows summed (k=1: hashing trick)
+    # per-coordinate std of an id's embedding (the sum of its k rows) at init; 0: 1/sqrt(dim).
+    # Raw dot-product models want it small (SASRec's recipe: 0.02)
+    init_std: float = 0.0
 
 
 @dataclass

@@ -90,8 +90,12 @@ def _validate(cfg: EmbeddingsConfig) -> None:
 
 
 def _init_bound(t: TableConfig) -> float:
-    """Uniform init bound: the sum of k rows has per-coordinate std ~ 1/sqrt(dim)."""
-    return math.sqrt(3.0 / t.dim) / math.sqrt(t.num_hashes)
+    """Uniform init bound: the sum of k rows has per-coordinate std `init_std`
+    (default 1/sqrt(dim))."""
+    if t.init_std < 0:
+        raise ValueError(f"embeddings table {t.name!r}: init_std={t.init_std} must be >= 0")
+    std = t.init_std or 1.0 / math.sqrt(t.dim)
+    return std * math.sqrt(3.0 / t.num_hashes)
 
 
 def _embedding_config(t: TableConfig) -> EmbeddingConfig:

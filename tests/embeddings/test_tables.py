@@ -180,3 +180,37 @@ def test_replicated_tables_match_the_collection_path():
     cfg.sharding.overrides = {"cat": "data_parallel"}
     with pytest.raises(ValueError, match="managed_collision tables shard row_wise only"):
         replicated_tables(cfg)
+
+
+@pytest.mark.parametrize("replicated", [False, True])
+@pytest.mark.parametrize("init_std", [0.0, 0.02])
+def test_init_std_is_the_std_of_an_ids_summed_rows(replicated, init_std):
+    """An id's embedding (the sum of its k rows) starts with per-coordinate std init_std
+    (default 1/sqrt(dim)), in the EC and in the replicated path alike."""
+    from genrec.config import Config
+
+    cfg = Config()
+    cfg.embeddings = EmbeddingsConfig(
+        tables=[
+            TableConfig(
+                name="item",
+                num_embeddings=4096,
+                dim=64,
+                features=["item_id"],
+                num_hashes=2,
+                init_std=init_std,
+            )
+        ]
+    )
+    cfg.sharding.overrides = {"item": "data_parallel"} if replicated else {}
+    torch.manual_seed(0)
+    emb = SparseEmbeddings.from_config(cfg)
+    ids = torch.arange(20_000)
+    kjt = KeyedJaggedTensor(keys=["item_id"], values=ids, lengths=torch.tensor([ids.numel()]))
+    with torch.no_grad():
+        vecs = emb(kjt)["item_id"].values()
+    want = init_std or 64**-0.5
+    assert abs(float(vecs.std()) / want - 1) < 0.03, (float(vecs.std()), want)
+    cfg.embeddings.tables[0].init_std = -1.0
+    with pytest.raises(ValueError, match="init_std=-1.0 must be >= 0"):
+        SparseEmbeddings.from_config(cfg)
