@@ -1,11 +1,14 @@
-"""HSTU encoder forward+backward on CPU: the jagged path vs the same math padded to max length.
+"""HSTU encoder forward+backward: the jagged path vs the same math padded to max length.
 
 Sequence lengths are geometric (mean --mean-len, clipped to [1, --max-len]) as in real
 interaction logs. Both variants use the same weights; tokens/s counts real (unpadded)
 tokens for both. Peak memory is the highest running total of CPU allocations recorded by
-the torch profiler during one forward+backward. Prints one JSON line.
+the torch profiler during one forward+backward (with --device cuda: the CUDA allocator's
+peak during one step, above what was allocated before it; the jagged path then runs the
+Triton kernel, the padded one plain PyTorch). Prints one JSON line.
 
     .venv/bin/python benchmarks/bench_hstu.py --batch 32 --iters 3
+    python benchmarks/bench_hstu.py --device cuda --batch 256 --max-len 1024 --iters 10
 """
 
 from __future__ import annotations
@@ -56,13 +59,30 @@ def step_padded(enc: HSTUEncoder, d: dict, w: torch.Tensor, max_len: int) -> Non
     (out[valid] * w).sum().backward()
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def tokens_per_s(fn, enc, d, w, args) -> float:
     for _ in range(args.warmup):
         fn(enc, d, w, args.max_len)
+    sync(w.device)
     t0 = time.perf_counter()
     for _ in range(args.iters):
         fn(enc, d, w, args.max_len)
+    sync(w.device)
     return d["T"] * args.iters / (time.perf_counter() - t0)
+
+
+def cuda_peak_bytes(fn, enc, d, w, args) -> int:
+    """Peak CUDA allocator bytes during one step, above those allocated before it."""
+    sync(w.device)
+    base = torch.cuda.memory_allocated(w.device)
+    torch.cuda.reset_peak_memory_stats(w.device)
+    fn(enc, d, w, args.max_len)
+    sync(w.device)
+    return int(torch.cuda.max_memory_allocated(w.device) - base)
 
 
 def peak_bytes(fn, enc, d, w, args) -> int:
@@ -102,7 +122,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda: Triton attention)")
     args = ap.parse_args()
+    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -115,13 +137,16 @@ def main() -> None:
         dropout=0.0,
         max_len=args.max_len,
     )
-    enc = HSTUEncoder(cfg)
+    enc = HSTUEncoder(cfg).to(device)
     d = make_inputs(args, torch.Generator().manual_seed(args.seed))
-    w = torch.randn(d["T"], args.dim)
+    d = {n: t.to(device) if isinstance(t, torch.Tensor) else t for n, t in d.items()}
+    w = torch.randn(d["T"], args.dim).to(device)
     print(
         f"batch {args.batch}: {d['T']} tokens, padded {args.batch * args.max_len}", file=sys.stderr
     )
-    result = {"bench": "hstu_fwd_bwd_cpu", "batch": args.batch, "tokens": d["T"]}
+    result = {"bench": f"hstu_fwd_bwd_{device.type}", "batch": args.batch, "tokens": d["T"]}
+    if device.type == "cuda":
+        result["device"] = torch.cuda.get_device_name(device)
     result["mean_len"] = round(d["T"] / args.batch, 1)
     result["max_len"] = args.max_len
     result["threads"] = torch.get_num_threads()
@@ -129,7 +154,8 @@ def main() -> None:
         print(f"timing {name} ...", file=sys.stderr)
         result[f"{name}_tokens_per_s"] = round(tokens_per_s(fn, enc, d, w, args), 1)
         print(f"profiling {name} memory ...", file=sys.stderr)
-        result[f"{name}_peak_mb"] = round(peak_bytes(fn, enc, d, w, args) / 2**20, 1)
+        peak = cuda_peak_bytes if device.type == "cuda" else peak_bytes
+        result[f"{name}_peak_mb"] = round(peak(fn, enc, d, w, args) / 2**20, 1)
     result["speedup"] = round(result["jagged_tokens_per_s"] / result["padded_tokens_per_s"], 2)
     result["memory_ratio"] = round(
         result["padded_peak_mb"] / max(result["jagged_peak_mb"], 1e-9), 1

@@ -30,14 +30,33 @@ import torch.nn.functional as F
 _GROUP_SCORE_ELEMS = 1 << 23  # max G * H * L * L scores materialized at once per group chunk
 
 
+_SQRT_INT64_MAX = 3037000499  # floor(sqrt(2^63 - 1)): the largest x whose square fits int64
+
+
 def time_bucket(dt: torch.Tensor, num_buckets: int) -> torch.Tensor:
     """int64 bucket of a time gap in seconds: clamp(floor(2 * log2(1 + |dt|)), 0, num_buckets-1).
 
-    Log buckets: gaps of seconds and of months both get resolution. Computed in float64
-    so bucket edges (1 + |dt| = 2^(k/2)) are exact for any realistic int64 gap.
+    Log buckets: gaps of seconds and of months both get resolution. Exact on every device:
+    floor(2 * log2(x)) = floor(log2(x^2)) for x = 1 + |dt|, computed in int64 (a float64
+    log2 is only an estimate: CUDA's returns 2.9999999999999996 for log2(8), so gaps of 7,
+    63, 4095 s landed one bucket low there). Gaps with x^2 >= 2^63 take bucket 63, as the
+    Triton kernel does.
     """
-    x = torch.log2(1.0 + dt.abs().to(torch.float64))
-    return torch.floor(2.0 * x).clamp(0, num_buckets - 1).to(torch.int64)
+    x = dt.abs().to(torch.int64) + 1
+    big = x > _SQRT_INT64_MAX
+    sq = torch.where(big, 1, x) ** 2
+    estimate = torch.floor(torch.log2(sq.to(torch.float64))).to(torch.int64)
+    b = torch.where(big, 63, floor_log2(sq, estimate))
+    return b.clamp(0, num_buckets - 1)
+
+
+def floor_log2(v: torch.Tensor, estimate: torch.Tensor) -> torch.Tensor:
+    """Exact floor(log2(v)) of int64 v >= 1, from an estimate within one of it."""
+    one = torch.ones_like(v)
+    b = estimate.clamp(0, 62)
+    b = b - (torch.bitwise_left_shift(one, b) > v).to(torch.int64)
+    up = (b < 62) & (torch.bitwise_left_shift(one, (b + 1).clamp_max(62)) <= v)
+    return b + up.to(torch.int64)
 
 
 def _allowed_and_positions(

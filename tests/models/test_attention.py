@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from genrec.models.attention import (
     _length_groups,
+    floor_log2,
     hstu_attention,
     hstu_attention_padded,
     time_bucket,
@@ -166,6 +167,22 @@ def test_time_bucket_values():
     assert torch.equal(time_bucket(dt, 41), want)
     assert torch.equal(time_bucket(torch.tensor([10**9]), 64), torch.tensor([59]))
     assert time_bucket(dt, 41).dtype == torch.int64
+
+
+def test_time_bucket_is_exact_integer_arithmetic():
+    """floor(log2((1+|dt|)^2)) by Python's exact bit_length at every bucket edge, and the
+    integer correction recovers it from estimates one off in either direction (what a
+    not-correctly-rounded GPU log2 gives; CUDA's log2(8) is 2.9999999999999996)."""
+    xs = sorted({e + d for k in range(1, 64) for e in (round(2 ** (k / 2)),) for d in (-1, 0, 1)})
+    xs = [x for x in xs if 1 <= x <= 2**33]
+    dt = torch.tensor([x - 1 for x in xs])
+    want = torch.tensor([min((x * x).bit_length() - 1, 63) for x in xs])
+    assert torch.equal(time_bucket(dt, 64), want)
+    assert torch.equal(time_bucket(-dt, 64), want)
+    v = torch.tensor([x * x for x in xs if x * x < 2**63])
+    exact = torch.tensor([(int(u)).bit_length() - 1 for u in v])
+    for off in (-1, 0, 1):
+        assert torch.equal(floor_log2(v, exact + off), exact), off
 
 
 def test_length_groups_do_not_pad_short_sequences_to_the_longest():
