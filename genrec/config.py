@@ -124,6 +124,9 @@ class ModelConfig:
     rab_position: bool = True
     rab_time: bool = True
     num_time_buckets: int = 64
+    # std of the action embedding at init (1.0: PyTorch's default). With one action (Amazon)
+    # it is a constant added to every item token: at 1.0 it dwarfs items that start small
+    action_init_std: float = 1.0
     # n in A = SiLU(QK^T + rab) / n; "constant" (= max tokens) keeps states strictly causal
     attn_norm: Literal["length", "constant"] = "constant"
     token_mode: Literal["sum", "interleave"] = "sum"  # item+action tokens

@@ -67,6 +67,10 @@ class SASRecEncoder(nn.Module):
         self.blocks = nn.ModuleList(SASRecBlock(cfg) for _ in range(cfg.num_layers))
         self.heads = cfg.num_heads
         self.final_norm = nn.LayerNorm(cfg.dim)
+        for m in self.blocks.modules():  # SASRec's (S3-Rec code's) init: N(0, 0.02), zero bias
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
 
     def forward_padded(
         self,

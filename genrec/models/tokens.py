@@ -57,6 +57,8 @@ class TokenBuilder(nn.Module):
         self.context = list(cfg.user_feature_tokens)
         self.item_proj = nn.Linear(item_dim, cfg.dim) if item_dim != cfg.dim else nn.Identity()
         self.action_emb = nn.Embedding(cfg.num_actions + 1, cfg.dim)  # last row: UNKNOWN
+        if cfg.action_init_std != 1.0:  # 1.0 is nn.Embedding's own N(0, 1): no second draw
+            nn.init.normal_(self.action_emb.weight, std=cfg.action_init_std)
         self.context_proj = nn.ModuleDict(
             {f: nn.Linear(context_dims[f], cfg.dim) for f in self.context}
         )

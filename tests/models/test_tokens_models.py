@@ -282,3 +282,17 @@ def test_sasrec_length_groups_equal_one_padded_batch(targets):
     (g_got,) = torch.autograd.grad((got * w).sum(), x)
     (g_want,) = torch.autograd.grad((want * w).sum(), x)
     torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-5)
+
+
+def test_action_init_std():
+    """model.action_init_std sets the action embedding's init scale; the default keeps
+    nn.Embedding's own N(0, 1) draw (no second draw, so default models are unchanged)."""
+    torch.manual_seed(0)
+    default = TokenBuilder(small_config().model, 16, {})
+    torch.manual_seed(0)
+    plain = torch.nn.Embedding(small_config().model.num_actions + 1, 16)
+    assert torch.equal(default.action_emb.weight, plain.weight)
+    cfg = small_config(dim=64, num_actions=200)
+    cfg.model.action_init_std = 0.02
+    small = TokenBuilder(cfg.model, 64, {})
+    assert abs(float(small.action_emb.weight.std()) / 0.02 - 1) < 0.05
