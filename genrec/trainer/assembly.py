@@ -74,8 +74,10 @@ def assemble(cfg: Config, ctx: DistContext) -> Assembled:
     }
     dense_opt = KeyedOptimizerWrapper(
         dense,
+        # fused: one kernel over all tensors, on CPU too (8x faster than the per-tensor
+        # loop on a 262k x 64 replicated table at 1 thread: 35 vs 277 ms per step)
         lambda params: torch.optim.AdamW(
-            params, lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay
+            params, lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay, fused=True
         ),
     )
     _materialize_state(dense_opt, list(dense.values()))
