@@ -75,11 +75,36 @@ class Block(nn.Module):
         return x + self.drop(self.ffn(self.n2(x)))
 
 
+class HashedItems(nn.Module):
+    """Item i's vector = sum of rows h_k(i) of a `rows`-row table (k < hashes), like
+    genrec's k-hash tables; id 0 (padding) is the zero vector. `weight` is the catalog."""
+
+    def __init__(self, n_items, d, rows, hashes, seed=1234):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.table = nn.Embedding(rows, d)
+        self.register_buffer("rows", torch.randint(rows, (n_items + 1, hashes), generator=g))
+        self.n = n_items + 1
+
+    def forward(self, ids):
+        return self.table(self.rows[ids]).sum(-2) * (ids > 0).unsqueeze(-1)
+
+    @property
+    def weight(self):
+        return self.forward(torch.arange(self.n, device=self.rows.device))
+
+
 class SASRec(nn.Module):
     def __init__(self, n_items, a):
         super().__init__()
         d = a.dim
-        self.item = nn.Embedding(n_items + 1, d, padding_idx=0)
+        if a.hashes:
+            self.item = HashedItems(n_items, d, a.rows, a.hashes)
+        else:
+            self.item = nn.Embedding(n_items + 1, d, padding_idx=0)
+        # genrec adds the (single, on Amazon) action's embedding to every item token
+        self.action = nn.Parameter(torch.zeros(d)) if a.action_std >= 0 else None
+        self.drop_before_pos = a.drop_before_pos
         self.pos = nn.Embedding(a.max_len, d)
         self.ln = nn.LayerNorm(d, eps=1e-12)
         self.drop = nn.Dropout(a.dropout)
@@ -96,10 +121,17 @@ class SASRec(nn.Module):
                     m.weight.data.normal_(0, 0.02)
                 if isinstance(m, nn.Linear) and m.bias is not None:
                     m.bias.data.zero_()
+        table = self.item.table if a.hashes else self.item
+        k = max(1, a.hashes)  # the sum of k rows gets the per-coordinate std
         if a.init == "uniform":  # genrec's item init: per-coordinate std ~ 1/sqrt(d)
-            b = math.sqrt(3.0 / d)
-            self.item.weight.data.uniform_(-b, b)
-        self.item.weight.data[0] = 0
+            b = math.sqrt(3.0 / d / k)
+            table.weight.data.uniform_(-b, b)
+        elif a.hashes:
+            table.weight.data.normal_(0, 0.02 / math.sqrt(k))
+        if not a.hashes:
+            self.item.weight.data[0] = 0
+        if self.action is not None:
+            self.action.data.normal_(0, a.action_std)
 
     def forward(self, seq):
         B, L = seq.shape
@@ -109,8 +141,15 @@ class SASRec(nn.Module):
         else:  # from the first real item
             first = L - valid.sum(1, keepdim=True)
             pos = (torch.arange(L, device=seq.device)[None] - first).clamp_min(0)
-        x = self.item(seq) + self.pos(pos)
-        x = self.drop(self.ln(x)) if isinstance(self.final, nn.Identity) else self.drop(x)
+        e = self.item(seq)
+        if self.action is not None:
+            e = e + self.action * valid.unsqueeze(-1)
+        if isinstance(self.final, nn.Identity):  # post-LN: LayerNorm then dropout
+            x = self.drop(self.ln(e + self.pos(pos)))
+        elif self.drop_before_pos:  # genrec: dropout on the tokens, positions added after
+            x = self.drop(e) + self.pos(pos)
+        else:
+            x = self.drop(e + self.pos(pos))
         causal = torch.tril(torch.ones(L, L, dtype=torch.bool, device=seq.device))
         mask = (causal[None] & valid[:, None, :]) | torch.eye(
             L, dtype=torch.bool, device=seq.device
@@ -258,6 +297,10 @@ def parser():
     p.add_argument("--patience", type=int, default=8)
     p.add_argument("--neg-pool", type=int, default=0)
     p.add_argument("--max-seconds", type=float, default=1e9)
+    p.add_argument("--hashes", type=int, default=0, help="0: one row per item")
+    p.add_argument("--rows", type=int, default=262144)
+    p.add_argument("--action-std", type=float, default=-1.0, help="< 0: no action token")
+    p.add_argument("--drop-before-pos", type=int, default=0)
     return p
 
 
@@ -270,8 +313,14 @@ ABLATION = {
     "negative_pool_512": ["--neg-pool", "512"],
     "grad_clip_1": ["--clip", "1.0"],
     "lr_3e-3": ["--lr", "3e-3"],
-    "all_of_genrec": "--post-ln 0 --act relu --ffn 64 --pos start --init uniform "
+    "hashed_2_of_262k_rows": ["--hashes", "2"],
+    "action_token_0.02": ["--action-std", "0.02"],
+    "dropout_before_positions": ["--post-ln", "0", "--drop-before-pos", "1"],
+    "all_of_genrec_session2": "--post-ln 0 --act relu --ffn 64 --pos start --init uniform "
     "--neg-pool 4096 --clip 1 --lr 3e-3".split(),
+    # configs/amazon_toys_sasrec.yaml as of session 3
+    "genrec_sasrec_config": "--post-ln 0 --act relu --ffn 64 --pos start --neg-pool 512 "
+    "--clip 1 --hashes 2 --action-std 0.02 --drop-before-pos 1".split(),
 }
 
 
