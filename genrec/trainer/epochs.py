@@ -153,30 +153,26 @@ class EpochTrainer(StreamTrainer):
             self.baseline.sync()  # fold this epoch's training counts in on every rank
             row = {"epoch": epoch, "loss": metrics_loss / max(n_loss, 1)}
             last = epoch == self.cfg.trainer.epochs - 1
-            if (epoch + 1) % self.cfg.trainer.eval_every and not last:
-                row["seconds"] = time.time() - t0
-                history.append(row)
-                self.logger.log("epoch", epoch, {k: v for k, v in row.items() if k != "epoch"})
-                if progress and self.ctx.is_main:
-                    print(
-                        f"epoch {epoch:>3}  loss {row['loss']:.4f}  ({row['seconds']:.1f} s)",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                continue
-            val = self.score(valid)
+            val = (
+                self.score(valid)
+                if (epoch + 1) % self.cfg.trainer.eval_every == 0 or last
+                else None
+            )
             row["seconds"] = time.time() - t0
-            row.update({f"valid/{k}": v for k, v in val.items()})
+            row.update({f"valid/{k}": v for k, v in (val or {}).items()})
             history.append(row)
             self.logger.log("epoch", epoch, {k: v for k, v in row.items() if k != "epoch"})
             if progress and self.ctx.is_main:
-                print(
-                    f"epoch {epoch:>3}  loss {row['loss']:.4f}  valid R@10 {val['recall@10']:.4f}  "
-                    f"N@10 {val['ndcg@10']:.4f}  (most popular {val['most_popular/recall@10']:.4f})"
-                    f"  ({row['seconds']:.1f} s)",
-                    file=sys.stderr,  # stdout stays free for a caller's one JSON line
-                    flush=True,
-                )
+                msg = f"epoch {epoch:>3}  loss {row['loss']:.4f}"
+                if val is not None:
+                    msg += (
+                        f"  valid R@10 {val['recall@10']:.4f}  N@10 {val['ndcg@10']:.4f}  "
+                        f"(most popular {val['most_popular/recall@10']:.4f})"
+                    )
+                # stdout stays free for a caller's one JSON line
+                print(f"{msg}  ({row['seconds']:.1f} s)", file=sys.stderr, flush=True)
+            if val is None:  # not a validation epoch (trainer.eval_every)
+                continue
             if val["ndcg@10"] > best:
                 best, best_step, bad = val["ndcg@10"], self.step, 0
                 self.history = history
