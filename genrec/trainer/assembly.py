@@ -32,10 +32,17 @@ def _materialize_state(opt: KeyedOptimizerWrapper, params: list[torch.nn.Paramet
     """
     with torch.no_grad():
         saved = [p.detach().clone() for p in params]
-        opt.init_state()
+        opt.init_state()  # one step on zero gradients: moments 0, step counter 1
         for p, s in zip(params, saved):
             p.copy_(s)
             p.grad = None
+            # back to step 0: left at 1, the real first step bias-corrects as the second
+            # (lr * 0.74 instead of lr) and every later correction lags by one step
+            state = opt.state[p]
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"].zero_()
+            elif "step" in state:
+                state["step"] = 0
 
 
 @dataclass

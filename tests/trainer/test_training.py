@@ -163,6 +163,12 @@ def test_warmup_scales_the_first_updates_of_both_optimizers(prepared):
     assert any("embedding" in k for k in moved) and any("encoder" in k for k in moved), moved
     for k in moved:
         torch.testing.assert_close(upd[4][k] * 4, upd[0][k], rtol=1e-3, atol=1e-6, msg=k)
+    # and the first AdamW step is a full lr (its bias correction starts at step 1, not 2:
+    # the optimizer state created up front must not count as a step)
+    lr = tiny_config("p", "r").trainer.lr
+    for k in moved:
+        if "encoder" in k and k.endswith("weight"):
+            assert float(upd[0][k].abs().max()) == pytest.approx(lr, rel=1e-3), k
 
 
 def test_killed_launcher_takes_its_workers_down(prepared, tmp_path):
