@@ -6,6 +6,9 @@ product, causal or target-aware mask, no relative biases, timestamps unused) and
 point-wise feed-forward, with a learned absolute position embedding added to the tokens.
 Selected by model.kind="sasrec". The jagged forward groups sequences by similar length
 and pads each group only to its own longest (the same grouping as the HSTU reference op).
+As in SASRec, the input dropout acts on item + position (the token builder's own dropout,
+which HSTU uses, is switched off here): dropping the items only and adding clean positions
+after fit the training data faster and validated worse (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ class SASRecEncoder(nn.Module):
         self.blocks = nn.ModuleList(SASRecBlock(cfg) for _ in range(cfg.num_layers))
         self.heads = cfg.num_heads
         self.final_norm = nn.LayerNorm(cfg.dim)
+        self.input_dropout = nn.Dropout(cfg.dropout)  # on item + position, as SASRec's
         for m in self.blocks.modules():  # SASRec's (S3-Rec code's) init: N(0, 0.02), zero bias
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
@@ -83,7 +87,7 @@ class SASRecEncoder(nn.Module):
         allowed, pos = _allowed_and_positions(lengths.to(torch.int64), L, num_targets)
         eye = torch.eye(L, dtype=torch.bool, device=x.device)[None]
         mask = allowed | eye  # padding rows attend to themselves (no all-masked NaN rows)
-        x = x + self.pos_emb(pos.clamp_max(self.capacity - 1))
+        x = self.input_dropout(x + self.pos_emb(pos.clamp_max(self.capacity - 1)))
         for block in self.blocks:
             x = block(x, mask)
         return self.final_norm(x)
@@ -106,11 +110,18 @@ class SASRecEncoder(nn.Module):
         return out if out is not None else self.final_norm(x)
 
 
-class SASRecRetrieval(HSTURetrieval):
+class _SASRecModel:
+    """The SASRec encoder in an HSTU task model: its tokens go in undropped (the encoder
+    drops after adding positions)."""
+
     def make_encoder(self, cfg: ModelConfig) -> nn.Module:
+        self.tokens.dropout = nn.Identity()
         return SASRecEncoder(cfg)
 
 
-class SASRecRanking(HSTURanking):
-    def make_encoder(self, cfg: ModelConfig) -> nn.Module:
-        return SASRecEncoder(cfg)
+class SASRecRetrieval(_SASRecModel, HSTURetrieval):
+    pass
+
+
+class SASRecRanking(_SASRecModel, HSTURanking):
+    pass

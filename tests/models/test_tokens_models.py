@@ -296,3 +296,25 @@ def test_action_init_std():
     cfg.model.action_init_std = 0.02
     small = TokenBuilder(cfg.model, 64, {})
     assert abs(float(small.action_emb.weight.std()) / 0.02 - 1) < 0.05
+
+
+def test_sasrec_input_dropout_acts_on_items_and_positions():
+    """SASRec drops the sum item + position (its paper's and the S3-Rec code's order), so the
+    token builder's own dropout is off in SASRec models (HSTU keeps it): with zero item
+    tokens in train mode, ~p of the position coordinates reach the first block as zeros and
+    the rest scaled by 1 / (1 - p)."""
+    torch.manual_seed(0)
+    cfg = small_config(kind="sasrec", num_heads=2, dropout=0.5)
+    model = build_model(cfg)
+    assert isinstance(model.tokens.dropout, torch.nn.Identity)
+    assert isinstance(build_model(small_config(dropout=0.5)).tokens.dropout, torch.nn.Dropout)
+    enc = model.encoder.train()
+    seen = []
+    enc.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    L = 12
+    enc.forward_padded(torch.zeros(8, L, cfg.model.dim), torch.full((8,), L))
+    pos = enc.pos_emb.weight[:L].detach()
+    x = seen[0].detach()
+    dropped = x == 0
+    assert 0.4 < float(dropped.float().mean()) < 0.6
+    torch.testing.assert_close(x[~dropped], (2 * pos).expand_as(x)[~dropped])
