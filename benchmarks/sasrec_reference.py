@@ -318,9 +318,9 @@ ABLATION = {
     "dropout_before_positions": ["--post-ln", "0", "--drop-before-pos", "1"],
     "all_of_genrec_session2": "--post-ln 0 --act relu --ffn 64 --pos start --init uniform "
     "--neg-pool 4096 --clip 1 --lr 3e-3".split(),
-    # configs/amazon_toys_sasrec.yaml as of session 3
+    # configs/amazon_toys_sasrec.yaml (session 4: dropout on item + position, as here)
     "genrec_sasrec_config": "--post-ln 0 --act relu --ffn 64 --pos start --neg-pool 512 "
-    "--clip 1 --hashes 2 --action-std 0.02 --drop-before-pos 1".split(),
+    "--clip 1 --hashes 2 --action-std 0.02".split(),
 }
 
 
