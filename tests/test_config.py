@@ -20,6 +20,22 @@ def test_overrides_apply_with_types():
     assert cfg.table("item").num_embeddings == 16384
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    """Each config in configs/ parses into the schema (no unknown keys, right types), and
+    a SASRec config pairs with its data set's HSTU config (same data, its own run dir)."""
+    cfg = load_config(path)
+    assert cfg.trainer.run_dir and cfg.data.prepared_dir
+    if path.stem.endswith("_sasrec"):
+        base = load_config(path.with_name(path.stem.removesuffix("_sasrec") + ".yaml"))
+        assert cfg.model.kind == "sasrec" and base.model.kind == "hstu"
+        assert (cfg.data.raw_dir, cfg.data.prepared_dir) == (
+            base.data.raw_dir,
+            base.data.prepared_dir,
+        )
+        assert cfg.trainer.run_dir != base.trainer.run_dir
+
+
 def test_unknown_key_names_the_key():
     with pytest.raises(ConfigError, match="trainer.batch_sise"):
         load_config(QUICKSTART, ["trainer.batch_sise=64"])
