@@ -184,6 +184,10 @@ class TrainerConfig:
     log_every: int = 10
     ray_workers_cpus: float = 0.5  # CPUs each Ray Train worker reserves
     max_failures: int = 1
+    # keep freed large host blocks mapped (glibc mallopt; genrec.trainer.host_memory): a
+    # replicated table's dense gradient is reallocated every step and page-faulted afresh
+    # otherwise (half the CPU time of the SASRec Sports recipe). Costs the peak heap staying mapped
+    reuse_freed_host_memory: bool = True
 
 
 @dataclass

@@ -26,6 +26,7 @@ from genrec.embeddings.frequency import CountMinSketch, PopularitySampler
 from genrec.trainer import checkpoint as ckpt
 from genrec.trainer.assembly import assemble
 from genrec.trainer.distributed import DistContext, all_reduce_
+from genrec.trainer.host_memory import reuse_freed_host_memory
 from genrec.trainer.metrics_log import MetricsLogger
 from genrec.trainer.negatives import NegativeSampler, step_generator
 from genrec.trainer.progressive import PopularityBaseline, WindowMetrics, hits_and_ndcg
@@ -343,6 +344,10 @@ def format_row(row: dict) -> str:
 
 
 def run_worker(cfg: Config, ctx: DistContext, resume: bool = True) -> list[dict]:
+    if cfg.trainer.reuse_freed_host_memory:
+        note = reuse_freed_host_memory()
+        if ctx.is_main:
+            print(note, flush=True)
     if cfg.trainer.mode == "epochs":
         from genrec.trainer.epochs import EpochTrainer
 
