@@ -8,6 +8,8 @@ times an unsharded torch.nn.EmbeddingBag (one id per bag, sum) on the same ids a
 Prints one JSON line: lookups/s summed over ranks per strategy, and the baseline.
 
     python benchmarks/bench_embeddings.py --rows 1000000 --dim 64 --batch 256 --seq-len 50
+    python benchmarks/bench_embeddings.py --world 1 --rows 262144 --num-hashes 2 --seq-len 10 \
+        --strategies data_parallel     # the SASRec recipes' replicated item table
 """
 
 from __future__ import annotations
@@ -51,7 +53,13 @@ def _time_strategy(args, strategy: str, rank: int, world: int) -> float | str:
     cfg = Config()
     cfg.embeddings = EmbeddingsConfig(
         tables=[
-            TableConfig(name="item", num_embeddings=args.rows, dim=args.dim, features=["item_id"])
+            TableConfig(
+                name="item",
+                num_embeddings=args.rows,
+                dim=args.dim,
+                features=["item_id"],
+                num_hashes=args.num_hashes,
+            )
         ]
     )
     cfg.sharding.strategy = strategy
@@ -100,8 +108,11 @@ def _time_embedding_bag(args) -> float:
 
 
 def _worker(rank: int, args, world: int, port: int, out_dir: str) -> None:
+    from genrec.trainer.host_memory import reuse_freed_host_memory
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(args.threads)
+    reuse_freed_host_memory()  # as the trainer's workers do
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
@@ -126,6 +137,7 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--batch", type=int, default=256, help="sequences per rank per step")
     p.add_argument("--seq-len", type=int, default=50)
+    p.add_argument("--num-hashes", type=int, default=1, help="k hashed rows summed per id")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
@@ -147,6 +159,7 @@ def main() -> None:
                 "world": args.world,
                 "rows": args.rows,
                 "dim": args.dim,
+                "num_hashes": args.num_hashes,
                 "lookups_per_step_per_rank": args.batch * args.seq_len,
                 "threads_per_rank": args.threads,
                 "lookups_per_s": lookups,

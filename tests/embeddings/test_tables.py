@@ -159,7 +159,12 @@ def test_replicated_tables_match_the_collection_path():
     )
     mixed.eval()  # no MCH eviction: both MC modules stay identical
     ec_only.eval()
+    calls = []
+    mixed.replicated["item"].register_forward_hook(lambda m, args, out: calls.append(out.shape))
     got, want = mixed(kjt), ec_only(kjt)
+    # one lookup (so one dense gradient) for the table's 6 keys: 2 features x 3 hashes
+    n_ids = int(kjt["item_id"].lengths().sum() + kjt["brand"].lengths().sum())
+    assert calls == [torch.Size([3 * n_ids, 8])]
     assert sorted(got) == sorted(want) == ["brand", "category", "item_id", "user_id"]
     for f in want:
         assert torch.equal(got[f].values(), want[f].values()), f
