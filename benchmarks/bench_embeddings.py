@@ -112,7 +112,8 @@ def _worker(rank: int, args, world: int, port: int, out_dir: str) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(args.threads)
-    reuse_freed_host_memory()  # as the trainer's workers do
+    if args.host_allocator == "reuse":  # as the trainer's workers do by default
+        reuse_freed_host_memory()
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
@@ -141,6 +142,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument(
+        "--host-allocator",
+        choices=["reuse", "default"],
+        default="reuse",
+        help="reuse: keep freed large blocks mapped as the trainer does "
+        "(trainer.reuse_freed_host_memory); default: glibc as it comes",
+    )
     p.add_argument("--strategies", nargs="+", default=STRATEGIES, choices=STRATEGIES)
     args = p.parse_args()
     with socket.socket() as s:
@@ -160,6 +168,7 @@ def main() -> None:
                 "rows": args.rows,
                 "dim": args.dim,
                 "num_hashes": args.num_hashes,
+                "host_allocator": args.host_allocator,
                 "lookups_per_step_per_rank": args.batch * args.seq_len,
                 "threads_per_rank": args.threads,
                 "lookups_per_s": lookups,
