@@ -100,6 +100,37 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from genrec.trainer.launch import evaluate
+
+    cfg = load_config(args.config, args.overrides)
+    if args.launcher:
+        cfg.trainer.launcher = args.launcher
+    result = evaluate(cfg, args.checkpoint or None, args.split, args.out or None)
+    if not result:  # a torchrun rank other than 0
+        return 0
+    if "windows" in result:
+        from genrec.trainer.loop import format_row
+
+        for row in result["windows"]:
+            print(format_row(row), file=sys.stderr)
+    else:
+        s = args.split
+        print(
+            f"{s}: {int(result[f'{s}/users'])} users  "
+            + "  ".join(
+                f"{m} {result[f'{s}/{m}']:.4f} (pop {result[f'{s}/most_popular/{m}']:.4f})"
+                for m in ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
+            ),
+            file=sys.stderr,
+        )
+    print(f"checkpoint {result['checkpoint']} (step {result['step']})", file=sys.stderr)
+    print(json.dumps(result))
+    return 0
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     from genrec.trainer.plot import plot_run
 
@@ -178,6 +209,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", default="")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in run_dir")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="score a checkpoint without training: leave-one-out valid/test (epochs mode) "
+        "or each of data.windows with frozen weights (stream mode)",
+    )
+    _add_config_args(p)
+    p.add_argument("--checkpoint", default="", help="default: the newest in trainer.run_dir")
+    p.add_argument("--split", choices=["valid", "test"], default="test", help="epochs mode")
+    p.add_argument("--out", default="", help="result JSON (default: in trainer.run_dir)")
+    p.add_argument("--launcher", choices=["local", "torchrun"], default=None)
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("plot", help="write PNG curves of a run directory")
     p.add_argument("run_dir")

@@ -135,6 +135,12 @@ class EpochTrainer(StreamTrainer):
                 out[f"{prefix}ndcg@{k}"] = float(sums[2 + 4 * i + 2 * j]) / n
         return out
 
+    def score_split(self, split: str) -> dict[str, float]:
+        """`score` on the leave-one-out `split` ("valid" or "test") of the prepared data."""
+        if split not in ("valid", "test"):
+            raise ValueError(f"split {split!r}: epochs mode scores 'valid' or 'test'")
+        return self.score(loo_view(read_user_sequences(self.cfg.data.prepared_dir), split))
+
     def run(self, resume: bool = False, progress: bool = True) -> list[dict]:
         t_start = time.time()
         if self.cfg.trainer.eval_every < 1:

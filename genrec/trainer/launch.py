@@ -67,8 +67,26 @@ def _exit_with_parent(poll_s: float = 1.0) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def _local_worker(rank: int, cfg_dict: dict, world_size: int, port: int, resume: bool) -> None:
-    from genrec.trainer.loop import run_worker
+def _run_job(cfg: Config, ctx, resume: bool, evaluation: dict | None) -> None:
+    """Train (`evaluation` None) or score a checkpoint (`run_evaluation`'s arguments)."""
+    if evaluation is None:
+        from genrec.trainer.loop import run_worker
+
+        run_worker(cfg, ctx, resume=resume)
+    else:
+        from genrec.trainer.evaluate import run_evaluation
+
+        run_evaluation(cfg, ctx, **evaluation)
+
+
+def _local_worker(
+    rank: int,
+    cfg_dict: dict,
+    world_size: int,
+    port: int,
+    resume: bool,
+    evaluation: dict | None = None,
+) -> None:
 
     _exit_with_parent()
     quiet_library_warnings()
@@ -81,16 +99,15 @@ def _local_worker(rank: int, cfg_dict: dict, world_size: int, port: int, resume:
     ctx = init_distributed(
         rank, world_size, cfg.sharding.topology.device, cfg.trainer.backend, master_port=port
     )
-    _record_worker(Path(cfg.trainer.run_dir), rank)
+    if evaluation is None:
+        _record_worker(Path(cfg.trainer.run_dir), rank)
     try:
-        run_worker(cfg, ctx, resume=resume)
+        _run_job(cfg, ctx, resume, evaluation)
     finally:
         dist.destroy_process_group()
 
 
-def _torchrun_worker(cfg: Config, resume: bool) -> None:
-    from genrec.trainer.loop import run_worker
-
+def _torchrun_worker(cfg: Config, resume: bool, evaluation: dict | None = None) -> None:
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
             raise RuntimeError(
@@ -106,7 +123,7 @@ def _torchrun_worker(cfg: Config, resume: bool) -> None:
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
     )
     try:
-        run_worker(cfg, ctx, resume=resume)
+        _run_job(cfg, ctx, resume, evaluation)
     finally:
         dist.destroy_process_group()
 
@@ -307,18 +324,50 @@ def _ray_launch(cfg: Config, resume: bool) -> None:
             ray.shutdown()
 
 
+def _spawn_local(cfg: Config, resume: bool, evaluation: dict | None) -> None:
+    ws = cfg.trainer.world_size
+    mp.start_processes(
+        _local_worker,
+        args=(to_dict(cfg), ws, free_port(), resume, evaluation),
+        nprocs=ws,
+        join=True,
+        start_method="spawn",
+    )
+
+
+def evaluate(
+    cfg: Config, checkpoint: str | None = None, split: str = "test", out: str | None = None
+) -> dict:
+    """Score a checkpoint (default: the newest in trainer.run_dir) on
+    `trainer.world_size` ranks; see `genrec.trainer.evaluate`. Returns rank 0's result,
+    also written to `out` (default run_dir/evaluate-<split|windows>-step<N>.json)."""
+    from genrec.trainer.evaluate import resolve_checkpoint
+
+    path = resolve_checkpoint(cfg, checkpoint)
+    if out is None:
+        what = split if cfg.trainer.mode == "epochs" else "windows"
+        step = int(ckpt.read_state(path)["step"])
+        out = str(Path(cfg.trainer.run_dir) / f"evaluate-{what}-step{step:08d}.json")
+    job = {"checkpoint": str(path), "split": split, "out": out}
+    if cfg.trainer.launcher == "local":
+        _spawn_local(cfg, True, job)
+    elif cfg.trainer.launcher == "torchrun":
+        _torchrun_worker(cfg, True, job)
+        if os.environ.get("RANK", "0") != "0":  # rank 0 wrote the result
+            return {}
+    else:
+        raise ValueError(
+            f"evaluate runs under the local or torchrun launcher, not {cfg.trainer.launcher!r}: "
+            "pass --launcher local (any world size; checkpoints reshard on load)"
+        )
+    return json.loads(Path(out).read_text())
+
+
 def train(cfg: Config, resume: bool = True) -> None:
     _prepare_run_dir(cfg)
     launcher = cfg.trainer.launcher
     if launcher == "local":
-        ws = cfg.trainer.world_size
-        mp.start_processes(
-            _local_worker,
-            args=(to_dict(cfg), ws, free_port(), resume),
-            nprocs=ws,
-            join=True,
-            start_method="spawn",
-        )
+        _spawn_local(cfg, resume, None)
     elif launcher == "torchrun":
         _torchrun_worker(cfg, resume)
     elif launcher == "ray":

@@ -53,7 +53,8 @@ def read_meta(prepared_dir: str | Path) -> dict:
 
 
 class StreamTrainer:
-    def __init__(self, cfg: Config, ctx: DistContext) -> None:
+    def __init__(self, cfg: Config, ctx: DistContext, log_metrics: bool = True) -> None:
+        """`log_metrics=False`: leave run_dir's metrics files alone (evaluating a run)."""
         self.cfg, self.ctx = cfg, ctx
         self.run_dir = Path(cfg.trainer.run_dir)
         self.catalog = load_catalog(cfg.data.prepared_dir)
@@ -71,7 +72,7 @@ class StreamTrainer:
         self._saved_step = -1
         self.position: StreamPosition | None = None
         self.history: list[dict] = []  # per-window rows, for the summary table
-        self.logger = MetricsLogger(self.run_dir, enabled=ctx.is_main)
+        self.logger = MetricsLogger(self.run_dir, enabled=ctx.is_main and log_metrics)
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16)
             if cfg.trainer.bf16 and ctx.device.type == "cuda"
@@ -235,20 +236,69 @@ class StreamTrainer:
         return row
 
     # ------------------------------------------------------------------ loop
-    def run(self, resume: bool = True, progress: bool = True) -> list[dict]:
-        latest = ckpt.latest_checkpoint(self.run_dir) if resume else None
-        if latest is not None:
-            self.restore(latest)
-        stream = open_stream(
+    def _open_stream(self, position: StreamPosition | None):
+        return open_stream(
             self.cfg.data,
             self.cfg.data.prepared_dir,
             self.ctx.rank,
             self.ctx.world_size,
             self.cfg.trainer.batch_size,
             self.cfg.model.max_len,
-            position=self.position,
+            position=position,
             windows=self.cfg.data.windows or None,
         )
+
+    def _next_batch(self, it) -> tuple:
+        """(the stream's next batch on this rank or None at its end, seconds waited), after
+        checking that every rank agrees on (has a batch, its window)."""
+        t0 = time.perf_counter()
+        batch = next(it, None)
+        t_input = time.perf_counter() - t0
+        flag = torch.tensor(
+            [0 if batch is None else 1, -1 if batch is None else int(batch.windows[0])]
+        )
+        lo, hi = (
+            all_reduce_(flag.clone(), dist.ReduceOp.MIN),
+            all_reduce_(flag.clone(), dist.ReduceOp.MAX),
+        )
+        if not torch.equal(lo, hi):
+            raise RuntimeError(
+                f"rank {self.ctx.rank}: ranks disagree on the stream (has batch, window) "
+                f"min={lo.tolist()} max={hi.tolist()}; the stream must give every rank "
+                f"the same number of batches per window"
+            )
+        return batch, t_input
+
+    def score_windows(self) -> list[dict]:
+        """Frozen weights: the progressive metric of each streamed window (data.windows,
+        default all) without training on it, up to trainer.eval_batches batches per rank
+        and window (0: all). For held-out windows after a run, or any checkpoint."""
+        stream = self._open_stream(None)  # from the first window's start, not the resume point
+        it = iter(stream)
+        rows: list[dict] = []
+        window, metrics, evaluated, t_window = None, WindowMetrics(), 0, time.time()
+        limit = self.cfg.trainer.eval_batches
+        while True:
+            batch, _ = self._next_batch(it)
+            b_window = None if batch is None else int(batch.windows[0])
+            if window is not None and b_window != window:
+                row = {"window": window, **metrics.reduce(), "seconds": time.time() - t_window}
+                rows.append({k: v for k, v in row.items() if k != "loss"})
+                metrics, evaluated, t_window = WindowMetrics(), 0, time.time()
+            if batch is None:
+                break
+            window = b_window
+            if limit == 0 or evaluated < limit:
+                self.evaluate(batch.to(self.ctx.device), metrics)
+                evaluated += 1
+        stream.close()
+        return rows
+
+    def run(self, resume: bool = True, progress: bool = True) -> list[dict]:
+        latest = ckpt.latest_checkpoint(self.run_dir) if resume else None
+        if latest is not None:
+            self.restore(latest)
+        stream = self._open_stream(self.position)
         bar = None
         if progress and self.ctx.is_main:
             from tqdm import tqdm
@@ -258,22 +308,7 @@ class StreamTrainer:
         window, metrics, t_window, evaluated = None, WindowMetrics(), time.time(), 0
         every = self.cfg.trainer.checkpoint_every
         while True:
-            t0 = time.perf_counter()
-            batch = next(it, None)
-            t_input = time.perf_counter() - t0
-            flag = torch.tensor(
-                [0 if batch is None else 1, -1 if batch is None else int(batch.windows[0])]
-            )
-            lo, hi = (
-                all_reduce_(flag.clone(), dist.ReduceOp.MIN),
-                all_reduce_(flag.clone(), dist.ReduceOp.MAX),
-            )
-            if not torch.equal(lo, hi):
-                raise RuntimeError(
-                    f"rank {self.ctx.rank}: ranks disagree on the stream (has batch, window) "
-                    f"min={lo.tolist()} max={hi.tolist()}; the stream must give every rank "
-                    f"the same number of batches per window"
-                )
+            batch, t_input = self._next_batch(it)
             b_window = None if batch is None else int(batch.windows[0])
             if window is not None and b_window != window:
                 row = self._end_window(window, metrics, t_window)
@@ -335,11 +370,12 @@ def batch_target_mask(batch) -> torch.Tensor:
 
 
 def format_row(row: dict) -> str:
+    """One window's line; rows scored without training (`score_windows`) have no loss."""
     return (
         f"window {row['window']:>5}  positions {int(row['positions']):>7}  "
         f"HR@10 {row['model/hr@10']:.4f} (pop {row['most_popular/hr@10']:.4f})  "
-        f"NDCG@10 {row['model/ndcg@10']:.4f} (pop {row['most_popular/ndcg@10']:.4f})  "
-        f"loss {row['loss']:.3f}"
+        f"NDCG@10 {row['model/ndcg@10']:.4f} (pop {row['most_popular/ndcg@10']:.4f})"
+        + (f"  loss {row['loss']:.3f}" if "loss" in row else "")
     )
 
 

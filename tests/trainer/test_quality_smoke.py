@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -96,12 +98,44 @@ def _train(prepared: Path, run_dir: Path, *overrides: str) -> list[dict]:
 
 def test_quality_smoke_beats_most_popular(tmp_path, toys_prepared):
     seqs, prepared = toys_prepared
-    test = _train(prepared, tmp_path / "run", "trainer.epochs=2", "trainer.batch_size=64")[-1]
+    overrides = ("trainer.epochs=2", "trainer.batch_size=64")
+    rows = _train(prepared, tmp_path / "run", *overrides)
+    test = rows[-1]
     assert test["test/users"] == USERS
     pop_recall, pop_ndcg = most_popular_test_metrics(seqs)
     assert 0.0 < pop_recall < 1.0
     assert test["test/recall@10"] > pop_recall, (test, pop_recall)
     assert test["test/ndcg@10"] > pop_ndcg, (test, pop_ndcg)
+    assert test["test/most_popular/recall@10"] == pytest.approx(pop_recall, abs=1e-12)
+
+    # `genrec evaluate` on the run: its newest checkpoint is the best on validation, and
+    # scoring it again on 2 ranks (the run trained on 1: resharded on load) gives the run's
+    # own numbers, on test and on validation
+    metrics_before = (tmp_path / "run" / "metrics.csv").read_bytes()
+    for split, want in (("test", test), ("valid", {"valid/ndcg@10": test["valid"]})):
+        got = _evaluate(prepared, tmp_path / "run", split, *overrides, "trainer.world_size=2")
+        assert got["step"] == test["best_epoch_step"]
+        for key, value in want.items():
+            if key.startswith(f"{split}/"):
+                assert got[key] == pytest.approx(value, abs=1e-9), key
+        assert (tmp_path / "run" / f"evaluate-{split}-step{got['step']:08d}.json").is_file()
+    # the run's own metrics were left alone (a restore would truncate them at its step)
+    assert (tmp_path / "run" / "metrics.csv").read_bytes() == metrics_before
+
+
+def _evaluate(prepared: Path, run_dir: Path, split: str, *overrides: str) -> dict:
+    r = subprocess.run(
+        [
+            sys.executable, "-m", "genrec.cli", "evaluate",
+            str(ROOT / "configs" / "amazon_toys.yaml"),
+            f"data.prepared_dir={prepared}", f"trainer.run_dir={run_dir}", *overrides,
+            "--split", split,
+        ],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"{split}: {USERS} users" in r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def test_sasrec_bce_validates_every_nth_epoch(tmp_path, toys_prepared):

@@ -234,3 +234,49 @@ def test_plot_writes_curves(runs):
     assert {"loss.png", "throughput.png", "input_stall.png", "window_metrics.png"} <= names
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+
+def test_evaluate_scores_a_window_like_the_progressive_metric(prepared):
+    """`evaluate` in stream mode: window w scored with the weights and counts frozen at the
+    end of window w-1 equals the progressive metric that training logged for w, when
+    training evaluates only each window's first batch per rank (trainer.eval_batches=1),
+    which it scores before learning from it. 2 ranks both times."""
+    from genrec.trainer.launch import evaluate
+
+    cfg = _cfg(prepared, "windows", "trainer.eval_batches=1", "trainer.keep_last=100")
+    cfg.trainer.max_steps = STEPS
+    train(cfg, resume=False)
+    run = prepared / "windows"
+    history = ckpt.read_state(ckpt.latest_checkpoint(run))["history"]
+    assert len(history) >= 2, history
+    prev, window = history[-2], history[-1]
+    at_prev_end = [
+        p
+        for p in ckpt.list_checkpoints(run)
+        if [r["window"] for r in ckpt.read_state(p)["history"]][-1:] == [prev["window"]]
+    ]
+    assert len(at_prev_end) == 1, at_prev_end
+    cfg.data.windows = [window["window"]]
+    got = evaluate(cfg, checkpoint=str(at_prev_end[0]))
+    assert [r["window"] for r in got["windows"]] == [window["window"]]
+    row = got["windows"][0]
+    assert row["positions"] == window["positions"] > 0
+    for key in ("model/hr@10", "model/ndcg@10", "most_popular/hr@10", "most_popular/ndcg@10"):
+        assert row[key] == pytest.approx(window[key], abs=1e-9), key
+    # and the newest checkpoint scores the same window differently: it has learned from it
+    newer = evaluate(cfg)["windows"][0]
+    assert newer["positions"] == row["positions"]
+    assert (newer["model/hr@10"], newer["model/ndcg@10"]) != (
+        row["model/hr@10"],
+        row["model/ndcg@10"],
+    )
+
+
+def test_evaluate_without_a_checkpoint_says_what_to_do(tmp_path):
+    from genrec.trainer.evaluate import resolve_checkpoint
+
+    cfg = tiny_config(tmp_path / "prepared", tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint: train first"):
+        resolve_checkpoint(cfg, None)
+    with pytest.raises(FileNotFoundError, match="is not a genrec checkpoint"):
+        resolve_checkpoint(cfg, str(tmp_path))
