@@ -8,7 +8,8 @@ Leave-one-out (last item test, second-to-last validation for early stopping and 
 selection), full-catalog ranking with history items excluded; R@5, N@5, R@10, N@10 on test
 as mean and standard deviation over seeds, plus wall time. Prints one JSON line; progress
 goes to stderr. The data directory is a flag (or GENREC_DATA_DIR), never a path in the repo.
-`--workdir D --reuse` reads seeds already finished in D instead of training them again.
+`--workdir D --reuse` reads seeds already finished in D instead of training them again;
+`--score-stopped` scores the seeds whose run in D was stopped early (newest = best checkpoint).
 """
 
 from __future__ import annotations
@@ -62,9 +63,12 @@ def run_once(args, seed: int, work: Path) -> dict:
     summary_path = Path(cfg.trainer.run_dir) / "summary.json"
     if args.reuse and summary_path.exists():
         print(f"seed {seed}: reusing the finished run {summary_path}", file=sys.stderr)
+        summary = json.loads(summary_path.read_text())
+    elif args.score_stopped and not summary_path.exists():
+        summary = stopped_run_summary(cfg)
     else:
         train(cfg, resume=False)
-    summary = json.loads(summary_path.read_text())
+        summary = json.loads(summary_path.read_text())
     final = summary["windows"][-1]
     # epoch rows; with trainer.eval_every > 1 only some carry validation metrics
     validated = [row for row in summary["windows"][:-1] if "valid/recall@10" in row]
@@ -74,6 +78,7 @@ def run_once(args, seed: int, work: Path) -> dict:
         "valid/ndcg@10": final["valid"],
         "seconds": final.get("seconds", time.time() - t0),
         "best_step": final["best_epoch_step"],
+        "stopped": bool(final.get("stopped", False)),
         "epochs": len(summary["windows"]) - 1,
         "curve": [
             (row["epoch"], row["valid/recall@10"], row["valid/ndcg@10"]) for row in validated
@@ -82,6 +87,36 @@ def run_once(args, seed: int, work: Path) -> dict:
             m: validated[0].get(f"valid/most_popular/{m}") if validated else None for m in METRICS
         },
     }
+
+
+def stopped_run_summary(cfg) -> dict:
+    """summary.json's content for a run stopped before its end (by hand, or a session's
+    clock): its epoch rows from metrics.csv, and its newest checkpoint (the best on
+    validation so far: epochs mode saves only improvements) scored on test by
+    `genrec evaluate`, as `EpochTrainer.run` scores its best checkpoint at the end."""
+    from genrec.trainer.launch import evaluate
+    from genrec.trainer.metrics_log import read_metrics
+
+    run_dir = Path(cfg.trainer.run_dir)
+    rows: dict[int, dict] = {}
+    for r in read_metrics(run_dir):
+        if r["kind"] == "epoch":
+            rows.setdefault(r["step"], {"epoch": r["step"]})[r["name"]] = r["value"]
+    result = evaluate(cfg, split="test")
+    validated = [row["valid/ndcg@10"] for row in rows.values() if "valid/ndcg@10" in row]
+    print(
+        f"{run_dir}: stopped after {len(rows)} epochs; scored its newest checkpoint "
+        f"(step {result['step']}) on test",
+        file=sys.stderr,
+    )
+    final = {
+        **{k: v for k, v in result.items() if k.startswith("test/")},
+        "best_epoch_step": result["step"],
+        "valid": max(validated),
+        "seconds": sum(row.get("seconds", 0.0) for row in rows.values()) + result["seconds"],
+        "stopped": True,
+    }
+    return {"windows": [rows[e] for e in sorted(rows)] + [final]}
 
 
 def plot_curves(args, runs: list[dict], path: Path) -> None:
@@ -154,6 +189,12 @@ def main() -> None:
         "training them again (same settings are the caller's responsibility)",
     )
     p.add_argument(
+        "--score-stopped",
+        action="store_true",
+        help="seeds whose run in --workdir was stopped before its end (no summary.json): "
+        "score their newest (best-on-validation) checkpoint on test instead of training",
+    )
+    p.add_argument(
         "--jobs",
         type=int,
         default=1,
@@ -197,6 +238,7 @@ def main() -> None:
     out["valid_ndcg@10"] = [round(r["valid/ndcg@10"], 5) for r in runs]
     out["epochs"] = [r["epochs"] for r in runs]
     out["seconds_per_seed"] = [round(r["seconds"], 1) for r in runs]
+    out["stopped_before_end"] = [r["stopped"] for r in runs]  # scored by --score-stopped
     out["wall_s"] = round(time.time() - t0, 1)
     if args.plot:
         plot_curves(args, runs, Path(args.plot))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -121,6 +122,28 @@ def test_quality_smoke_beats_most_popular(tmp_path, toys_prepared):
         assert (tmp_path / "run" / f"evaluate-{split}-step{got['step']:08d}.json").is_file()
     # the run's own metrics were left alone (a restore would truncate them at its step)
     assert (tmp_path / "run" / "metrics.csv").read_bytes() == metrics_before
+
+    # benchmarks/quality.py --score-stopped on a copy with summary.json removed, as if the
+    # run had been stopped by hand: the seed's row is the run's own test metrics
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "prepared").symlink_to(prepared)
+    shutil.copytree(tmp_path / "run", work / "run-seed0")
+    (work / "run-seed0" / "summary.json").unlink()
+    r = subprocess.run(
+        [
+            sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--dataset", "toys",
+            "--seeds", "1", "--workdir", str(work), "--score-stopped", *overrides,
+        ],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert report["stopped_before_end"] == [True]
+    assert report["epochs"] == [2]
+    for m in ("recall@5", "ndcg@5", "recall@10", "ndcg@10"):
+        assert report[m] == round(test[f"test/{m}"], 5), m
+    assert report["valid_ndcg@10"] == [round(test["valid"], 5)]
 
 
 def _evaluate(prepared: Path, run_dir: Path, split: str, *overrides: str) -> dict:
