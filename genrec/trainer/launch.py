@@ -10,6 +10,9 @@ Ray 2.60 runs Ray Train V2 (the default): a controller actor owns the run, Failu
 max_failures counts worker-group restarts, and RunConfig.storage_path only holds Ray's own
 run state; genrec's checkpoints and metrics stay in run_dir, which every worker must see
 (shared storage on a cluster). The driver shows progress by reading run_dir.
+
+`evaluate` runs `genrec.trainer.evaluate.run_evaluation` instead of training on the same
+local or torchrun workers (it scores a checkpoint; Ray Train's restart loop has no use there).
 """
 
 from __future__ import annotations
@@ -87,7 +90,6 @@ def _local_worker(
     resume: bool,
     evaluation: dict | None = None,
 ) -> None:
-
     _exit_with_parent()
     quiet_library_warnings()
     # Co-located ranks split the cores, less one for the stream reader and collectives:
