@@ -130,6 +130,10 @@ class ModelConfig:
     # n in A = SiLU(QK^T + rab) / n; "constant" (= max tokens) keeps states strictly causal
     attn_norm: Literal["length", "constant"] = "constant"
     token_mode: Literal["sum", "interleave"] = "sum"  # item+action tokens
+    # model.kind=sasrec only. pre_ln: the SASRec paper's block (pre-LayerNorm, ReLU
+    # feed-forward of width dim); post_ln: the S3-Rec code's BERT block behind the published
+    # Amazon rows (post-LayerNorm, GELU feed-forward of width 4 dim, LayerNorm on item + position)
+    sasrec_block: Literal["pre_ln", "post_ln"] = "pre_ln"
     num_actions: int = 8
     user_feature_tokens: list[str] = field(default_factory=list)  # contextual tokens
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)

@@ -1,9 +1,12 @@
 """SASRec baseline (Kang & McAuley, 2018): causal softmax Transformer, learned positions.
 
 Same inputs (tokens.py), same losses and the same evaluation API as the HSTU models; only
-the encoder differs: pre-LayerNorm blocks of softmax multi-head attention (scaled dot
-product, causal or target-aware mask, no relative biases, timestamps unused) and a ReLU
-point-wise feed-forward, with a learned absolute position embedding added to the tokens.
+the encoder differs: blocks of softmax multi-head attention (scaled dot product, causal or
+target-aware mask, no relative biases, timestamps unused) and a point-wise feed-forward,
+with a learned absolute position embedding added to the tokens. model.sasrec_block picks
+the block: "pre_ln", the SASRec paper's (pre-LayerNorm, ReLU feed-forward of width dim), or
+"post_ln", the S3-Rec code's BERT block that the published Amazon rows were run with
+(post-LayerNorm, GELU feed-forward of width 4 dim, LayerNorm on item + position).
 Selected by model.kind="sasrec". The jagged forward groups sequences by similar length
 and pads each group only to its own longest (the same grouping as the HSTU reference op).
 As in SASRec, the input dropout acts on item + position (the token builder's own dropout,
@@ -32,22 +35,25 @@ class SASRecBlock(nn.Module):
                 f"sasrec: model.dim={cfg.dim} must be divisible by num_heads={cfg.num_heads}"
             )
         self.heads = cfg.num_heads
-        self.norm1 = nn.LayerNorm(cfg.dim)
+        self.post_ln = cfg.sasrec_block == "post_ln"
+        eps = 1e-12 if self.post_ln else 1e-5  # the S3-Rec code's LayerNorm eps
+        ffn_dim = 4 * cfg.dim if self.post_ln else cfg.dim
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=eps)
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
         self.out = nn.Linear(cfg.dim, cfg.dim)
-        self.norm2 = nn.LayerNorm(cfg.dim)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=eps)
         self.ffn = nn.Sequential(
-            nn.Linear(cfg.dim, cfg.dim),
-            nn.ReLU(),
+            nn.Linear(cfg.dim, ffn_dim),
+            nn.GELU() if self.post_ln else nn.ReLU(),
             nn.Dropout(cfg.dropout),
-            nn.Linear(cfg.dim, cfg.dim),
+            nn.Linear(ffn_dim, cfg.dim),
         )
         self.dropout = nn.Dropout(cfg.dropout)
         self.attn_dropout = cfg.attn_dropout
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _attention(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         B, L, D = x.shape
-        q, k, v = self.qkv(self.norm1(x)).reshape(B, L, 3, self.heads, D // self.heads).unbind(2)
+        q, k, v = self.qkv(x).reshape(B, L, 3, self.heads, D // self.heads).unbind(2)
         a = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),
@@ -55,7 +61,13 @@ class SASRecBlock(nn.Module):
             attn_mask=mask[:, None],
             dropout_p=self.attn_dropout if self.training else 0.0,
         )
-        x = x + self.dropout(self.out(a.transpose(1, 2).reshape(B, L, D)))
+        return self.out(a.transpose(1, 2).reshape(B, L, D))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.post_ln:  # BERT's / the S3-Rec code's order
+            x = self.norm1(x + self.dropout(self._attention(x, mask)))
+            return self.norm2(x + self.dropout(self.ffn(x)))
+        x = x + self.dropout(self._attention(self.norm1(x), mask))
         return x + self.dropout(self.ffn(self.norm2(x)))
 
 
@@ -69,7 +81,11 @@ class SASRecEncoder(nn.Module):
         nn.init.normal_(self.pos_emb.weight, std=0.02)
         self.blocks = nn.ModuleList(SASRecBlock(cfg) for _ in range(cfg.num_layers))
         self.heads = cfg.num_heads
-        self.final_norm = nn.LayerNorm(cfg.dim)
+        post_ln = cfg.sasrec_block == "post_ln"
+        # post_ln: LayerNorm on item + position before the dropout, none after the blocks
+        # (each ends in one); pre_ln: none before, one after
+        self.input_norm = nn.LayerNorm(cfg.dim, eps=1e-12) if post_ln else nn.Identity()
+        self.final_norm = nn.Identity() if post_ln else nn.LayerNorm(cfg.dim)
         self.input_dropout = nn.Dropout(cfg.dropout)  # on item + position, as SASRec's
         for m in self.blocks.modules():  # SASRec's (S3-Rec code's) init: N(0, 0.02), zero bias
             if isinstance(m, nn.Linear):
@@ -87,7 +103,7 @@ class SASRecEncoder(nn.Module):
         allowed, pos = _allowed_and_positions(lengths.to(torch.int64), L, num_targets)
         eye = torch.eye(L, dtype=torch.bool, device=x.device)[None]
         mask = allowed | eye  # padding rows attend to themselves (no all-masked NaN rows)
-        x = self.input_dropout(x + self.pos_emb(pos.clamp_max(self.capacity - 1)))
+        x = self.input_dropout(self.input_norm(x + self.pos_emb(pos.clamp_max(self.capacity - 1))))
         for block in self.blocks:
             x = block(x, mask)
         return self.final_norm(x)

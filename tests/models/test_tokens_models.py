@@ -258,14 +258,15 @@ def test_dot_similarity_scores_raw_inner_products_everywhere():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("block", ["pre_ln", "post_ln"])
 @pytest.mark.parametrize("targets", [None, [1, 2, 3, 5, 10, 0, 3]])
-def test_sasrec_length_groups_equal_one_padded_batch(targets):
+def test_sasrec_length_groups_equal_one_padded_batch(targets, block):
     """The jagged SASRec forward (groups of similar length, each padded to its own longest)
     equals padding the whole batch to its longest sequence, values and gradients."""
     from genrec.models.sasrec import SASRecEncoder
 
     torch.manual_seed(0)
-    cfg = small_config(kind="sasrec", num_heads=2)
+    cfg = small_config(kind="sasrec", num_heads=2, sasrec_block=block)
     enc = SASRecEncoder(cfg.model).eval()
     lengths = torch.tensor([1, 5, 9, 17, 30, 0, 3])
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
@@ -318,3 +319,55 @@ def test_sasrec_input_dropout_acts_on_items_and_positions():
     dropped = x == 0
     assert 0.4 < float(dropped.float().mean()) < 0.6
     torch.testing.assert_close(x[~dropped], (2 * pos).expand_as(x)[~dropped])
+
+
+@pytest.mark.parametrize("post_ln", [True, False])
+def test_sasrec_blocks_equal_the_independent_reference(post_ln):
+    """Both SASRec blocks equal benchmarks/sasrec_reference.py's (a separate plain-PyTorch
+    implementation; its post-LN GELU 4x block reproduced the published Toys row) with the
+    same weights, and the post_ln encoder puts a LayerNorm on item + position as it does."""
+    import importlib.util
+
+    from genrec.models.sasrec import SASRecEncoder
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location(
+        "sasrec_reference", ROOT / "benchmarks" / "sasrec_reference.py"
+    )
+    ref_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref_mod)
+    torch.manual_seed(0)
+    cfg = small_config(kind="sasrec", num_heads=2, num_layers=1)
+    cfg.model.sasrec_block = "post_ln" if post_ln else "pre_ln"
+    enc = SASRecEncoder(cfg.model).eval()
+    ours = enc.blocks[0]
+    d = cfg.model.dim
+    act = torch.nn.functional.gelu if post_ln else torch.nn.functional.relu
+    ref = ref_mod.Block(d, 2, 4 * d if post_ln else d, 0.0, 0.0, post_ln, act).eval()
+    with torch.no_grad():
+        for p in (*ours.parameters(), *enc.input_norm.parameters()):
+            p.normal_()  # away from the init, so a swapped or missing part shows
+        pairs = [
+            (ref.qkv, ours.qkv), (ref.o, ours.out), (ref.n1, ours.norm1), (ref.n2, ours.norm2),
+            (ref.f1, ours.ffn[0]), (ref.f2, ours.ffn[3]),
+        ]  # fmt: skip
+        for r, o in pairs:
+            r.load_state_dict(o.state_dict())
+    assert ours.norm1.eps == (1e-12 if post_ln else 1e-5)  # S3-Rec's / PyTorch's default
+    ref.n1.eps = ref.n2.eps = ours.norm1.eps
+    B, L = 3, 7
+    x = torch.randn(B, L, d)
+    mask = torch.tril(torch.ones(L, L, dtype=torch.bool))[None].expand(B, L, L)
+    torch.testing.assert_close(ours(x, mask), ref(x, mask[:, None]), rtol=1e-5, atol=1e-5)
+    # the encoder around the block: (post_ln) LayerNorm(item + position), no final norm
+    lengths = torch.full((B,), L)
+    seen = []
+    ours.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    out = enc.forward_padded(x, lengths)
+    summed = x + enc.pos_emb.weight[:L]
+    want_in = enc.input_norm(summed) if post_ln else summed
+    torch.testing.assert_close(seen[0], want_in)
+    want_out = ours(want_in, mask) if post_ln else enc.final_norm(ours(want_in, mask))
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+    if post_ln:
+        assert not torch.allclose(seen[0], summed, atol=1e-2)
