@@ -11,6 +11,7 @@ synced across ranks, and a checkpoint is written. Randomness is a pure function 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -382,8 +383,8 @@ def format_row(row: dict) -> str:
 def run_worker(cfg: Config, ctx: DistContext, resume: bool = True) -> list[dict]:
     if cfg.trainer.reuse_freed_host_memory:
         note = reuse_freed_host_memory()
-        if ctx.is_main:
-            print(note, flush=True)
+        if ctx.is_main:  # stderr: stdout stays free for a caller's one JSON line
+            print(note, file=sys.stderr, flush=True)
     if cfg.trainer.mode == "epochs":
         from genrec.trainer.epochs import EpochTrainer
 
