@@ -95,6 +95,12 @@ class RetrievalConfig:
     # softmax: the above; bce: SASRec's original objective, binary cross-entropy on each
     # position's target and one of the sampled negatives (drawn per position)
     loss: Literal["softmax", "bce"] = "softmax"
+    # bce's negatives. per_position: every target position draws its own (SASRec's);
+    # pool: num_negatives per step, each position picks one of them. Under Adam an item's
+    # row moves about as far per push as it is pushed often, and a 512 pool pushes each item
+    # down ~2.5x less often per epoch: SASRec on Sports trained markedly slower with it
+    # (benchmarks/RESULTS.md)
+    bce_negatives: Literal["per_position", "pool"] = "per_position"
     # cosine: L2-normalized states and items (HSTU's); dot: raw inner products (SASRec's).
     # Training, evaluation and the exported program all score the same way.
     similarity: Literal["cosine", "dot"] = "cosine"
@@ -134,6 +140,9 @@ class ModelConfig:
     # feed-forward of width dim); post_ln: the S3-Rec code's BERT block behind the published
     # Amazon rows (post-LayerNorm, GELU feed-forward of width 4 dim, LayerNorm on item + position)
     sasrec_block: Literal["pre_ln", "post_ln"] = "pre_ln"
+    # dropout on the feed-forward's hidden units. auto: the block's own (pre_ln: on, as the
+    # SASRec paper; post_ln: off, as the S3-Rec code)
+    sasrec_ffn_dropout: Literal["auto", "on", "off"] = "auto"
     num_actions: int = 8
     user_feature_tokens: list[str] = field(default_factory=list)  # contextual tokens
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)

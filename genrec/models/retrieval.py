@@ -143,8 +143,16 @@ class HSTURetrieval(nn.Module):
                     "model.retrieval.loss=bce needs sampled negatives: set "
                     "model.retrieval.full_softmax=false and num_negatives > 0"
                 )
-            # one of the step's sampled negatives per position (the trainer seeds the RNG)
-            pick = torch.randint(int(negatives.numel()), (P,), device=states.device)
+            if self.rcfg.bce_negatives == "per_position":  # negative i for position i
+                if negatives.numel() != P:
+                    raise ValueError(
+                        f"model.retrieval.bce_negatives=per_position: {negatives.numel()} "
+                        f"negatives for {P} target positions (pass one per position, in "
+                        "target order, or set bce_negatives=pool)"
+                    )
+                pick = torch.arange(P, device=states.device)
+            else:  # one of the step's pool per position (the trainer seeds the RNG)
+                pick = torch.randint(int(negatives.numel()), (P,), device=states.device)
             loss = bce_one_negative_loss(
                 states,
                 pos_emb,

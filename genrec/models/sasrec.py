@@ -6,7 +6,8 @@ target-aware mask, no relative biases, timestamps unused) and a point-wise feed-
 with a learned absolute position embedding added to the tokens. model.sasrec_block picks
 the block: "pre_ln", the SASRec paper's (pre-LayerNorm, ReLU feed-forward of width dim), or
 "post_ln", the S3-Rec code's BERT block that the published Amazon rows were run with
-(post-LayerNorm, GELU feed-forward of width 4 dim, LayerNorm on item + position).
+(post-LayerNorm, GELU feed-forward of width 4 dim without dropout inside it, LayerNorm on
+item + position).
 Selected by model.kind="sasrec". The jagged forward groups sequences by similar length
 and pads each group only to its own longest (the same grouping as the HSTU reference op).
 As in SASRec, the input dropout acts on item + position (the token builder's own dropout,
@@ -42,10 +43,16 @@ class SASRecBlock(nn.Module):
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
         self.out = nn.Linear(cfg.dim, cfg.dim)
         self.norm2 = nn.LayerNorm(cfg.dim, eps=eps)
+        # the SASRec paper drops the feed-forward's hidden units too; the S3-Rec code's
+        # Intermediate does not (dense, GELU, dense, then the block's one dropout). Identity
+        # keeps the module indices (and checkpoints) the same either way.
+        inner = cfg.sasrec_ffn_dropout == "on" or (
+            cfg.sasrec_ffn_dropout == "auto" and not self.post_ln
+        )
         self.ffn = nn.Sequential(
             nn.Linear(cfg.dim, ffn_dim),
             nn.GELU() if self.post_ln else nn.ReLU(),
-            nn.Dropout(cfg.dropout),
+            nn.Dropout(cfg.dropout) if inner else nn.Identity(),
             nn.Linear(ffn_dim, cfg.dim),
         )
         self.dropout = nn.Dropout(cfg.dropout)

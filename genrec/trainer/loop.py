@@ -24,6 +24,7 @@ from genrec.config import Config, to_dict
 from genrec.data_pipeline.schemas import META_FILE
 from genrec.data_pipeline.stream import StreamPosition, open_stream
 from genrec.embeddings.frequency import CountMinSketch, PopularitySampler
+from genrec.models.retrieval import target_events
 from genrec.trainer import checkpoint as ckpt
 from genrec.trainer.assembly import assemble
 from genrec.trainer.distributed import DistContext, all_reduce_
@@ -190,11 +191,16 @@ class StreamTrainer:
         if self.cfg.model.retrieval.full_softmax:  # exact softmax: the catalog is the set
             negatives, neg_log_q = self.catalog, torch.zeros(self.catalog.numel())
         else:
-            sampler = NegativeSampler(
-                self.cfg.model.retrieval, self.catalog, self._merged_sketch(), self.popular
+            rc = self.cfg.model.retrieval
+            sampler = NegativeSampler(rc, self.catalog, self._merged_sketch(), self.popular)
+            per_position = (
+                self.cfg.model.task == "retrieval"
+                and rc.loss == "bce"
+                and rc.bce_negatives == "per_position"
             )
             negatives, neg_log_q = sampler.sample(
-                step_generator(self.cfg.trainer.seed, self.step, self.ctx.rank)
+                step_generator(self.cfg.trainer.seed, self.step, self.ctx.rank),
+                int(target_events(batch)[0].numel()) if per_position else None,
             )
         with self.autocast:
             out = self.model(batch, negatives.to(self.ctx.device), neg_log_q.to(self.ctx.device))

@@ -49,15 +49,24 @@ class NegativeSampler:
             q = q + f_pop * self.sketch.estimate(ids).double() / total
         return q.clamp_min(1e-30).log().float()
 
-    def sample(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(
+        self, g: torch.Generator, num: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`num` draws (default num_negatives) and their log q. With an explicit `num` (one
+        per target position) the uniform and popularity draws come in random order, so each
+        entry is an independent draw of the mixture."""
+        explicit = num is not None
+        num = self.num if num is None else num
         usable = self.popular.filled > 0 and float(self.sketch.total) > 0
         f_pop = self.f_pop if usable else 0.0  # nothing seen yet: all negatives uniform
-        n_pop = int(round(self.num * f_pop))
-        n_uni = self.num - n_pop
+        n_pop = int(round(num * f_pop))
+        n_uni = num - n_pop
         parts = []
         if n_uni > 0:
             parts.append(self.catalog[torch.randint(self.catalog.numel(), (n_uni,), generator=g)])
         if n_pop > 0:
             parts.append(self.popular.sample(n_pop, generator=g))
         ids = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+        if explicit and len(parts) > 1:
+            ids = ids[torch.randperm(ids.numel(), generator=g)]
         return ids, self.log_q(ids, 1.0 - f_pop, f_pop)

@@ -236,12 +236,23 @@ def test_dot_similarity_scores_raw_inner_products_everywhere():
     torch.testing.assert_close(models["cosine"].user_states(batch)[0], norm(states, dim=-1))
     torch.testing.assert_close(models["cosine"].item_embeddings(catalog), norm(items, dim=-1))
     assert (states.norm(dim=-1) - 1).abs().max() > 0.1
-    # BCE on raw inner products: one negative (item 7) for every position
-    out = models["dot"](batch, torch.tensor([7]), torch.zeros(1))
+    # BCE on raw inner products. per_position (the default): negative i for position i,
+    # a target's own id among them dropped
+    sp = torch.nn.functional.softplus
     pos = (states * items[targets]).sum(-1)
+    negs = torch.randint(0, 30, (targets.numel(),), generator=torch.Generator().manual_seed(2))
+    negs[0] = targets[0]
+    out = models["dot"](batch, negs, torch.zeros(negs.numel()))
+    neg = (states * items[negs]).sum(-1)
+    keep = (targets != negs).float()
+    torch.testing.assert_close(out.loss, (sp(-pos) + keep * sp(neg)).mean())
+    with pytest.raises(ValueError, match="5 target positions"):
+        models["dot"](batch, negs[:-1], torch.zeros(negs.numel() - 1))
+    # pool: each position picks one of the pool (a pool of one: item 7 everywhere)
+    models["dot"].rcfg.bce_negatives = "pool"
+    out = models["dot"](batch, torch.tensor([7]), torch.zeros(1))
     neg = states @ items[7]
     keep = (targets != 7).float()
-    sp = torch.nn.functional.softplus
     torch.testing.assert_close(out.loss, (sp(-pos) + keep * sp(neg)).mean())
     # top-k ranks by the raw inner product
     _, scores, _ = models["dot"].top_k(batch, catalog, 5, exclude_history=False, block=7)
@@ -321,21 +332,63 @@ def test_sasrec_input_dropout_acts_on_items_and_positions():
     torch.testing.assert_close(x[~dropped], (2 * pos).expand_as(x)[~dropped])
 
 
-@pytest.mark.parametrize("post_ln", [True, False])
-def test_sasrec_blocks_equal_the_independent_reference(post_ln):
-    """Both SASRec blocks equal benchmarks/sasrec_reference.py's (a separate plain-PyTorch
-    implementation; its post-LN GELU 4x block reproduced the published Toys row) with the
-    same weights, and the post_ln encoder puts a LayerNorm on item + position as it does."""
+def _sasrec_reference():
+    """benchmarks/sasrec_reference.py as a module (an independent plain-PyTorch SASRec)."""
     import importlib.util
 
-    from genrec.models.sasrec import SASRecEncoder
     from tests.conftest import ROOT
 
     spec = importlib.util.spec_from_file_location(
         "sasrec_reference", ROOT / "benchmarks" / "sasrec_reference.py"
     )
-    ref_mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ref_mod)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize(
+    "block,ffn_dropout,dropped",
+    [("pre_ln", "auto", True), ("post_ln", "auto", False), ("post_ln", "on", True),
+     ("pre_ln", "off", False)],
+)  # fmt: skip
+def test_sasrec_feed_forward_dropout_follows_its_block(block, ffn_dropout, dropped):
+    """In training, the SASRec paper's pre-LN block drops the feed-forward's hidden units
+    (~p of them zero, the rest scaled by 1 / (1 - p)); the S3-Rec code's post-LN block does
+    not: its second linear layer sees activation(first layer) exactly.
+    model.sasrec_ffn_dropout=on/off overrides either."""
+    from genrec.models.sasrec import SASRecBlock
+
+    torch.manual_seed(0)
+    cfg = small_config(
+        kind="sasrec", num_heads=2, dropout=0.5, sasrec_block=block, sasrec_ffn_dropout=ffn_dropout
+    )
+    blk = SASRecBlock(cfg.model).train()
+    ffn_in, second_in = [], []
+    blk.ffn[0].register_forward_pre_hook(lambda mod, args: ffn_in.append(args[0]))
+    blk.ffn[3].register_forward_pre_hook(lambda mod, args: second_in.append(args[0]))
+    B, L = 4, 9
+    blk(torch.randn(B, L, cfg.model.dim), torch.tril(torch.ones(L, L, dtype=torch.bool))[None])
+    with torch.no_grad():
+        act = blk.ffn[1](blk.ffn[0](ffn_in[0]))
+        got = second_in[0]
+    if not dropped:
+        torch.testing.assert_close(got, act)
+    else:
+        live = act != 0  # ReLU's own zeros aside
+        dropped = (got == 0) & live
+        assert 0.4 < float(dropped.sum() / live.sum()) < 0.6
+        kept = got != 0
+        torch.testing.assert_close(got[kept], 2 * act[kept])
+
+
+@pytest.mark.parametrize("post_ln", [True, False])
+def test_sasrec_blocks_equal_the_independent_reference(post_ln):
+    """Both SASRec blocks equal benchmarks/sasrec_reference.py's (a separate plain-PyTorch
+    implementation; its post-LN GELU 4x block reproduced the published Toys row) with the
+    same weights, and the post_ln encoder puts a LayerNorm on item + position as it does."""
+    from genrec.models.sasrec import SASRecEncoder
+
+    ref_mod = _sasrec_reference()
     torch.manual_seed(0)
     cfg = small_config(kind="sasrec", num_heads=2, num_layers=1)
     cfg.model.sasrec_block = "post_ln" if post_ln else "pre_ln"
@@ -371,3 +424,98 @@ def test_sasrec_blocks_equal_the_independent_reference(post_ln):
     torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
     if post_ln:
         assert not torch.allclose(seen[0], summed, atol=1e-2)
+
+
+def test_sasrec_bce_loss_and_gradients_equal_the_reference():
+    """The whole SASRec recipe, forward and backward: genrec's model (post-LN block, one
+    hashed row per item in a replicated table, a constant action token, BCE against one
+    negative per position, raw dot products) gives the loss and every gradient of
+    benchmarks/sasrec_reference.py's model (left-padded rows, one nn.Embedding row per item)
+    with the same weights, the same sequences and the same negatives."""
+    from genrec.config import TableConfig
+
+    ref_mod = _sasrec_reference()
+    torch.manual_seed(0)
+    L, n_items, dim = 12, 30, 16
+    cfg = small_config(
+        kind="sasrec", num_heads=2, sasrec_block="post_ln", max_len=L, action_init_std=0.02
+    )
+    cfg.embeddings.tables = [
+        TableConfig(name="item", num_embeddings=4096, dim=dim, features=["item_id"], init_std=0.02)
+    ]
+    cfg.sharding.strategy = "data_parallel"
+    r = cfg.model.retrieval
+    r.loss, r.similarity, r.temperature, r.full_softmax = "bce", "dot", 1.0, False
+    model = build_model(cfg).eval()  # eval: no dropout (both have dropout 0 anyway)
+    a = ref_mod.parser().parse_args(
+        f"--data x --dim {dim} --heads 2 --layers 2 --ffn {4 * dim} --dropout 0 "
+        f"--attn-dropout 0 --pos start --max-len {L} --action-std 0.02".split()
+    )
+    ref = ref_mod.SASRec(n_items, a).eval()
+
+    lengths = [5, 12, 3, 8]
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(1, n_items + 1, (n,), generator=g) for n in lengths]
+    T = sum(lengths)
+    batch = make_batch(
+        item_ids=torch.cat(seqs),
+        actions=torch.zeros(T, dtype=torch.int64),
+        timestamps=torch.arange(T),
+        lengths=torch.tensor(lengths),
+        num_targets=torch.tensor(lengths),  # every event after the first is a target
+        user_ids=torch.arange(len(lengths)),
+        windows=torch.zeros(len(lengths), dtype=torch.int64),
+    )
+    table = model.sparse.table_weight("item")
+    ids = torch.arange(1, n_items + 1)
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    kjt = KeyedJaggedTensor(keys=["item_id"], values=ids, lengths=torch.tensor([n_items]))
+    rows = model.sparse.hash_features(kjt).values()  # item i's table row (one hash)
+    enc = model.encoder
+    with torch.no_grad():  # genrec's weights into the reference
+        ref.item.weight.zero_()
+        ref.item.weight[1:] = table[rows]
+        ref.action.copy_(model.tokens.action_emb.weight[0])
+        ref.pos.weight.copy_(enc.pos_emb.weight[:L])
+        ref.ln.load_state_dict(enc.input_norm.state_dict())
+        for rb, ob in zip(ref.blocks, enc.blocks):
+            for rm, om in [
+                (rb.qkv, ob.qkv), (rb.o, ob.out), (rb.n1, ob.norm1), (rb.n2, ob.norm2),
+                (rb.f1, ob.ffn[0]), (rb.f2, ob.ffn[3]),
+            ]:  # fmt: skip
+                rm.load_state_dict(om.state_dict())
+
+    P = T - len(lengths)
+    neg = torch.randint(1, n_items + 1, (P,), generator=g)  # one per position, in order
+    neg[3] = seqs[0][4]  # a negative equal to its position's target: dropped by both
+    out = model(batch, neg, torch.zeros(P))
+    out.loss.backward()
+
+    x = torch.zeros(len(lengths), L, dtype=torch.int64)
+    for b, s in enumerate(seqs):
+        x[b, L - len(s) :] = s
+    h = ref(x)
+    # the state after event t-1 predicts event t (t >= 1), sequence by sequence
+    cols = [(b, L - len(s) + t - 1) for b, s in enumerate(seqs) for t in range(1, len(s))]
+    states = h[[b for b, _ in cols], [c for _, c in cols]]
+    y = torch.cat([s[1:] for s in seqs])
+    pos_l = (states * ref.item(y)).sum(-1)
+    neg_l = (states * ref.item(neg)).sum(-1)
+    sp = torch.nn.functional.softplus
+    loss = (sp(-pos_l).sum() + (sp(neg_l) * (neg != y)).sum()) / y.numel()
+    loss.backward()
+
+    assert out.num_targets == y.numel()
+    torch.testing.assert_close(out.loss, loss, rtol=1e-5, atol=1e-6)
+    want_table = torch.zeros_like(table).index_add_(0, rows, ref.item.weight.grad[1:])
+    torch.testing.assert_close(table.grad, want_table, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(model.tokens.action_emb.weight.grad[0], ref.action.grad)
+    torch.testing.assert_close(enc.pos_emb.weight.grad[:L], ref.pos.weight.grad)
+    assert float(enc.pos_emb.weight.grad[L:].abs().sum()) == 0.0
+    for rp, op in zip(ref.ln.parameters(), enc.input_norm.parameters()):
+        torch.testing.assert_close(op.grad, rp.grad, rtol=1e-4, atol=1e-7)
+    for rb, ob in zip(ref.blocks, enc.blocks):
+        for rm, om in [(rb.qkv, ob.qkv), (rb.o, ob.out), (rb.f1, ob.ffn[0]), (rb.f2, ob.ffn[3])]:
+            torch.testing.assert_close(om.weight.grad, rm.weight.grad, rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(om.bias.grad, rm.bias.grad, rtol=1e-4, atol=1e-7)

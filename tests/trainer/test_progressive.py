@@ -78,6 +78,17 @@ def test_negative_sampler_mixture_log_q():
     # same (seed, step, rank) draws the same negatives: resume needs no generator state
     again, _ = sampler.sample(step_generator(0, 1, 0))
     assert torch.equal(ids, again)
+    # an explicit count (bce_negatives=per_position: one per target position): that many,
+    # the popularity half mixed in among the uniform half rather than all at the end, each
+    # id with its own log q
+    ids, log_q = sampler.sample(step_generator(0, 2, 0), 400)
+    assert ids.numel() == log_q.numel() == 400
+    pop = (ids == 150) | (ids == 151)  # ~0.5 of the draws (+ ~2 % from the uniform half)
+    assert 150 < int(pop.sum()) < 260
+    assert 0.3 < float(pop[:200].float().mean()) < 0.7
+    want = torch.log(0.5 / 100 + 0.5 * torch.where(ids == 150, 0.75, 0.0))
+    want = torch.where(ids == 151, math.log(0.5 / 100 + 0.5 / 4), want)
+    torch.testing.assert_close(log_q, want.float())
 
 
 def test_metrics_log_resume_drops_rows_after_the_checkpoint(tmp_path):
