@@ -138,7 +138,8 @@ class ModelConfig:
     token_mode: Literal["sum", "interleave"] = "sum"  # item+action tokens
     # model.kind=sasrec only. pre_ln: the SASRec paper's block (pre-LayerNorm, ReLU
     # feed-forward of width dim); post_ln: the S3-Rec code's BERT block behind the published
-    # Amazon rows (post-LayerNorm, GELU feed-forward of width 4 dim, LayerNorm on item + position)
+    # Amazon rows (post-LayerNorm, GELU feed-forward of width 4 dim, LayerNorm on item +
+    # position)
     sasrec_block: Literal["pre_ln", "post_ln"] = "pre_ln"
     # dropout on the feed-forward's hidden units. auto: the block's own (pre_ln: on, as the
     # SASRec paper; post_ln: off, as the S3-Rec code)
