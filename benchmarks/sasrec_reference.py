@@ -5,10 +5,9 @@
 
 Not genrec: a second implementation of SASRec as the S3-Rec code trains it (left-padded
 sequences, post-LN GELU blocks with a 4x feed-forward and no dropout inside it, N(0, 0.02)
-init, one uniform negative
-per position, Adam 1e-3, batch 256), scored with the same leave-one-out, full-catalog,
-history-excluded protocol as benchmarks/quality.py, test metrics at the best validation
-NDCG@10. Each flag switches one part of the recipe to genrec's choice, so a run tells which
+init, one uniform negative per position, Adam 1e-3, batch 256), scored with the same
+leave-one-out, full-catalog, history-excluded protocol as benchmarks/quality.py, test
+metrics at the best validation NDCG@10. Each flag switches one part of the recipe to genrec's choice, so a run tells which
 part moves the metrics. `--ablation` runs the recipe and each single change at once (one
 process each; meant for a GPU) and prints one JSON line with every result; otherwise one run
 prints one JSON line. Progress goes to stderr.

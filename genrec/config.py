@@ -93,7 +93,7 @@ class RetrievalConfig:
     temperature: float = 0.05
     full_softmax: bool = False  # exact softmax over the catalog (small catalogs only)
     # softmax: the above; bce: SASRec's original objective, binary cross-entropy on each
-    # position's target and one of the sampled negatives (drawn per position)
+    # position's target and one sampled negative (see bce_negatives)
     loss: Literal["softmax", "bce"] = "softmax"
     # bce's negatives. per_position: every target position draws its own (SASRec's);
     # pool: num_negatives per step, each position picks one of them. Under Adam an item's

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from genrec.data_pipeline.batch import make_batch
 from genrec.models.build import build_model
@@ -346,6 +347,14 @@ def _sasrec_reference():
     return mod
 
 
+def _block_pairs(ref, ours) -> list:
+    """(reference module, genrec module) pairs of one SASRec block, weight for weight."""
+    return [
+        (ref.qkv, ours.qkv), (ref.o, ours.out), (ref.n1, ours.norm1), (ref.n2, ours.norm2),
+        (ref.f1, ours.ffn[0]), (ref.f2, ours.ffn[3]),
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "block,ffn_dropout,dropped",
     [("pre_ln", "auto", True), ("post_ln", "auto", False), ("post_ln", "on", True),
@@ -375,8 +384,8 @@ def test_sasrec_feed_forward_dropout_follows_its_block(block, ffn_dropout, dropp
         torch.testing.assert_close(got, act)
     else:
         live = act != 0  # ReLU's own zeros aside
-        dropped = (got == 0) & live
-        assert 0.4 < float(dropped.sum() / live.sum()) < 0.6
+        zeroed = (got == 0) & live
+        assert 0.4 < float(zeroed.sum() / live.sum()) < 0.6
         kept = got != 0
         torch.testing.assert_close(got[kept], 2 * act[kept])
 
@@ -400,11 +409,7 @@ def test_sasrec_blocks_equal_the_independent_reference(post_ln):
     with torch.no_grad():
         for p in (*ours.parameters(), *enc.input_norm.parameters()):
             p.normal_()  # away from the init, so a swapped or missing part shows
-        pairs = [
-            (ref.qkv, ours.qkv), (ref.o, ours.out), (ref.n1, ours.norm1), (ref.n2, ours.norm2),
-            (ref.f1, ours.ffn[0]), (ref.f2, ours.ffn[3]),
-        ]  # fmt: skip
-        for r, o in pairs:
+        for r, o in _block_pairs(ref, ours):
             r.load_state_dict(o.state_dict())
     assert ours.norm1.eps == (1e-12 if post_ln else 1e-5)  # S3-Rec's / PyTorch's default
     ref.n1.eps = ref.n2.eps = ours.norm1.eps
@@ -468,8 +473,6 @@ def test_sasrec_bce_loss_and_gradients_equal_the_reference():
     )
     table = model.sparse.table_weight("item")
     ids = torch.arange(1, n_items + 1)
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
     kjt = KeyedJaggedTensor(keys=["item_id"], values=ids, lengths=torch.tensor([n_items]))
     rows = model.sparse.hash_features(kjt).values()  # item i's table row (one hash)
     enc = model.encoder
@@ -480,10 +483,7 @@ def test_sasrec_bce_loss_and_gradients_equal_the_reference():
         ref.pos.weight.copy_(enc.pos_emb.weight[:L])
         ref.ln.load_state_dict(enc.input_norm.state_dict())
         for rb, ob in zip(ref.blocks, enc.blocks):
-            for rm, om in [
-                (rb.qkv, ob.qkv), (rb.o, ob.out), (rb.n1, ob.norm1), (rb.n2, ob.norm2),
-                (rb.f1, ob.ffn[0]), (rb.f2, ob.ffn[3]),
-            ]:  # fmt: skip
+            for rm, om in _block_pairs(rb, ob):
                 rm.load_state_dict(om.state_dict())
 
     P = T - len(lengths)
@@ -516,6 +516,6 @@ def test_sasrec_bce_loss_and_gradients_equal_the_reference():
     for rp, op in zip(ref.ln.parameters(), enc.input_norm.parameters()):
         torch.testing.assert_close(op.grad, rp.grad, rtol=1e-4, atol=1e-7)
     for rb, ob in zip(ref.blocks, enc.blocks):
-        for rm, om in [(rb.qkv, ob.qkv), (rb.o, ob.out), (rb.f1, ob.ffn[0]), (rb.f2, ob.ffn[3])]:
+        for rm, om in _block_pairs(rb, ob):
             torch.testing.assert_close(om.weight.grad, rm.weight.grad, rtol=1e-4, atol=1e-7)
             torch.testing.assert_close(om.bias.grad, rm.bias.grad, rtol=1e-4, atol=1e-7)
