@@ -86,8 +86,12 @@ class HashedItems(nn.Module):
     def __init__(self, n_items, d, rows, hashes, seed=1234):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.table = nn.Embedding(rows, d)
-        self.register_buffer("rows", torch.randint(rows, (n_items + 1, hashes), generator=g))
+        drawn = torch.randint(rows, (n_items + 1, hashes), generator=g)
+        # only the rows some item hashes to: the same collisions and the same training as
+        # the full `rows`-row table (an untouched row never moves), ~7x fewer rows for Adam
+        used, compact = drawn.unique(return_inverse=True)
+        self.table = nn.Embedding(len(used), d)
+        self.register_buffer("rows", compact)
         self.n = n_items + 1
 
     def forward(self, ids):
@@ -122,7 +126,7 @@ class SASRec(nn.Module):
         self.pos_mode = a.pos
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
-                if a.init == "normal":
+                if a.init != "uniform":  # (uniform_0.02 changes the items only)
                     m.weight.data.normal_(0, 0.02)
                 if isinstance(m, nn.Linear) and m.bias is not None:
                     m.bias.data.zero_()
@@ -130,6 +134,9 @@ class SASRec(nn.Module):
         k = max(1, a.hashes)  # the sum of k rows gets the per-coordinate std
         if a.init == "uniform":  # genrec's item init: per-coordinate std ~ 1/sqrt(d)
             b = math.sqrt(3.0 / d / k)
+            table.weight.data.uniform_(-b, b)
+        elif a.init == "uniform_0.02":  # genrec's SASRec configs: uniform at std 0.02
+            b = 0.02 * math.sqrt(3.0 / k)
             table.weight.data.uniform_(-b, b)
         elif a.hashes:
             table.weight.data.normal_(0, 0.02 / math.sqrt(k))
@@ -300,7 +307,7 @@ def parser():
     p.add_argument("--post-ln", type=int, default=1)
     p.add_argument("--act", default="gelu")
     p.add_argument("--pos", default="end")
-    p.add_argument("--init", default="normal")
+    p.add_argument("--init", default="normal", choices=["normal", "uniform", "uniform_0.02"])
     p.add_argument("--max-len", type=int, default=50)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--wd", type=float, default=0.0)

@@ -133,6 +133,11 @@ class ModelConfig:
     # std of the action embedding at init (1.0: PyTorch's default). With one action (Amazon)
     # it is a constant added to every item token: at 1.0 it dwarfs items that start small
     action_init_std: float = 1.0
+    # false: no action signal in the tokens (the action embedding is held at zero, frozen).
+    # For logs with one action (Amazon reviews) the embedding is a learnable constant on
+    # every item token, which slowed SASRec's recipe ~10 % on Sports (benchmarks/RESULTS.md).
+    # sum token_mode only (in interleave mode the action token is the state token)
+    use_actions: bool = True
     # n in A = SiLU(QK^T + rab) / n; "constant" (= max tokens) keeps states strictly causal
     attn_norm: Literal["length", "constant"] = "constant"
     token_mode: Literal["sum", "interleave"] = "sum"  # item+action tokens
@@ -144,6 +149,11 @@ class ModelConfig:
     # dropout on the feed-forward's hidden units. auto: the block's own (pre_ln: on, as the
     # SASRec paper; post_ln: off, as the S3-Rec code)
     sasrec_ffn_dropout: Literal["auto", "on", "off"] = "auto"
+    # learned absolute positions. from_start: 0 at a sequence's first event; from_end: the
+    # slots of a left-padded max_len row, as SASRec's and the S3-Rec code's (the newest event
+    # read sits in the last slot, whatever the length; ~10 % better early validation on
+    # Sports, benchmarks/RESULTS.md). from_end is for retrieval
+    sasrec_positions: Literal["from_start", "from_end"] = "from_start"
     num_actions: int = 8
     user_feature_tokens: list[str] = field(default_factory=list)  # contextual tokens
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)

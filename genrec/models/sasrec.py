@@ -84,6 +84,7 @@ class SASRecEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.capacity = max_tokens(cfg)
+        self.from_end = cfg.sasrec_positions == "from_end"
         self.pos_emb = nn.Embedding(self.capacity, cfg.dim)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
         self.blocks = nn.ModuleList(SASRecBlock(cfg) for _ in range(cfg.num_layers))
@@ -105,12 +106,19 @@ class SASRecEncoder(nn.Module):
         lengths: torch.Tensor,
         timestamps: torch.Tensor | None = None,
         num_targets: torch.Tensor | None = None,
+        trailing: int = 0,
     ) -> torch.Tensor:
+        """`trailing`: tokens at each row's end that are targets only, never read (the
+        jagged training and scoring rows end in one; the exported encoder reads its last)."""
         L = x.shape[1]
-        allowed, pos = _allowed_and_positions(lengths.to(torch.int64), L, num_targets)
+        lengths = lengths.to(torch.int64)
+        allowed, pos = _allowed_and_positions(lengths, L, num_targets)
+        if self.from_end:  # the newest token read takes the last slot of a max_len row
+            pos = pos + (self.capacity - (lengths - trailing))[:, None]
+        pos = pos.clamp(0, self.capacity - 1)
         eye = torch.eye(L, dtype=torch.bool, device=x.device)[None]
         mask = allowed | eye  # padding rows attend to themselves (no all-masked NaN rows)
-        x = self.input_dropout(self.input_norm(x + self.pos_emb(pos.clamp_max(self.capacity - 1))))
+        x = self.input_dropout(self.input_norm(x + self.pos_emb(pos)))
         for block in self.blocks:
             x = block(x, mask)
         return self.final_norm(x)
@@ -125,9 +133,11 @@ class SASRecEncoder(nn.Module):
     ) -> torch.Tensor:
         # sequences grouped by similar length, each group padded only to its own longest
         # (Amazon histories average ~9 events under max_len 50: ~4x fewer padded tokens)
+        # retrieval rows end in a target whose state nobody reads (ranking, whose candidates
+        # come as num_targets, keeps from_start positions)
         def group(rows: torch.Tensor, lens: torch.Tensor, idx_b: torch.Tensor) -> torch.Tensor:
             nt = num_targets[idx_b] if num_targets is not None else None
-            return self.forward_padded(x[rows], lens, None, nt)
+            return self.forward_padded(x[rows], lens, None, nt, trailing=int(nt is None))
 
         out = by_length_groups(offsets, self.heads, group)
         return out if out is not None else self.final_norm(x)
@@ -147,4 +157,10 @@ class SASRecRetrieval(_SASRecModel, HSTURetrieval):
 
 
 class SASRecRanking(_SASRecModel, HSTURanking):
-    pass
+    def make_encoder(self, cfg: ModelConfig) -> nn.Module:
+        if cfg.sasrec_positions == "from_end":
+            raise ValueError(
+                "model.sasrec_positions=from_end is for retrieval (SASRec's next-item slots); "
+                "ranking candidates share one position after the history: use from_start"
+            )
+        return super().make_encoder(cfg)

@@ -59,6 +59,14 @@ class TokenBuilder(nn.Module):
         self.action_emb = nn.Embedding(cfg.num_actions + 1, cfg.dim)  # last row: UNKNOWN
         if cfg.action_init_std != 1.0:  # 1.0 is nn.Embedding's own N(0, 1): no second draw
             nn.init.normal_(self.action_emb.weight, std=cfg.action_init_std)
+        if not cfg.use_actions:  # zero and frozen: the same tokens, export paths included
+            if self.mode == "interleave":
+                raise ValueError(
+                    "model.use_actions=false needs model.token_mode=sum: in interleave mode "
+                    "the action token is the state token the model reads"
+                )
+            nn.init.zeros_(self.action_emb.weight)
+            self.action_emb.weight.requires_grad_(False)
         self.context_proj = nn.ModuleDict(
             {f: nn.Linear(context_dims[f], cfg.dim) for f in self.context}
         )

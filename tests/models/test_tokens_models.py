@@ -153,10 +153,19 @@ def test_top_k_blocks_and_history_exclusion():
         assert ids[p].tolist() == masked.topk(5).indices.tolist()
 
 
-@pytest.mark.parametrize("mode,ctx", [("sum", False), ("interleave", True)])
-def test_encode_last_equals_jagged_state_and_exports(mode, ctx):
+@pytest.mark.parametrize(
+    "mode,ctx,sasrec",
+    [("sum", False, ""), ("interleave", True, ""), ("sum", False, "from_start"),
+     ("sum", False, "from_end")],
+)  # fmt: skip
+def test_encode_last_equals_jagged_state_and_exports(mode, ctx, sasrec):
+    """The exportable encoder on a padded history gives the state the jagged model reads
+    for the next event (HSTU; SASRec with either position scheme: from_end counts from the
+    last event read, which ends the exported row but not the jagged one)."""
     torch.manual_seed(0)
     cfg = small_config(token_mode=mode, user_feature_tokens=["category"] if ctx else [])
+    if sasrec:
+        cfg.model.kind, cfg.model.sasrec_positions = "sasrec", sasrec
     model = build_model(cfg).eval()
     batch = random_batch([5, 8], [1, 1], seed=7)  # target = last event; state after the rest
     states, _, _ = model.user_states(batch)
@@ -311,6 +320,23 @@ def test_action_init_std():
     assert abs(float(small.action_emb.weight.std()) / 0.02 - 1) < 0.05
 
 
+def test_use_actions_false_leaves_the_items_alone():
+    """model.use_actions=false: every token is its item's projection whatever the action
+    (the embedding is zero and frozen); interleave mode, whose state is the action token,
+    refuses it."""
+    cfg = small_config(use_actions=False, action_init_std=0.5)
+    tb = TokenBuilder(cfg.model, 16, {})
+    items = torch.randn(6, 16)
+    args = (torch.arange(6), torch.tensor([4, 2]), torch.tensor([1, 1]))
+    for actions in (torch.zeros(6, dtype=torch.int64), torch.tensor([0, 1, 2, 3, 1, 0])):
+        tok = tb(items, actions, *args)
+        assert torch.equal(tok.x, items)
+    assert not tb.action_emb.weight.requires_grad
+    cfg.model.token_mode = "interleave"
+    with pytest.raises(ValueError, match="token_mode=sum"):
+        TokenBuilder(cfg.model, 16, {})
+
+
 def test_sasrec_input_dropout_acts_on_items_and_positions():
     """SASRec drops the sum item + position (its paper's and the S3-Rec code's order), so the
     token builder's own dropout is off in SASRec models (HSTU keeps it): with zero item
@@ -431,19 +457,31 @@ def test_sasrec_blocks_equal_the_independent_reference(post_ln):
         assert not torch.allclose(seen[0], summed, atol=1e-2)
 
 
-def test_sasrec_bce_loss_and_gradients_equal_the_reference():
+@pytest.mark.parametrize(
+    "use_actions,positions",
+    [(True, "from_start"), (False, "from_start"), (True, "from_end"), (False, "from_end")],
+)
+def test_sasrec_bce_loss_and_gradients_equal_the_reference(use_actions, positions):
     """The whole SASRec recipe, forward and backward: genrec's model (post-LN block, one
-    hashed row per item in a replicated table, a constant action token, BCE against one
-    negative per position, raw dot products) gives the loss and every gradient of
-    benchmarks/sasrec_reference.py's model (left-padded rows, one nn.Embedding row per item)
-    with the same weights, the same sequences and the same negatives."""
+    hashed row per item in a replicated table, a constant action token or, with
+    model.use_actions=false, none, BCE against one negative per position, raw dot products,
+    positions from the first event or, from_end, the slots of a left-padded row) gives the
+    loss and every gradient of benchmarks/sasrec_reference.py's model (left-padded rows of
+    each sequence but its last event, one nn.Embedding row per item) with the same weights,
+    the same sequences and the same negatives."""
     from genrec.config import TableConfig
 
     ref_mod = _sasrec_reference()
     torch.manual_seed(0)
     L, n_items, dim = 12, 30, 16
     cfg = small_config(
-        kind="sasrec", num_heads=2, sasrec_block="post_ln", max_len=L, action_init_std=0.02
+        kind="sasrec",
+        num_heads=2,
+        sasrec_block="post_ln",
+        max_len=L,
+        action_init_std=0.02,
+        use_actions=use_actions,
+        sasrec_positions=positions,
     )
     cfg.embeddings.tables = [
         TableConfig(name="item", num_embeddings=4096, dim=dim, features=["item_id"], init_std=0.02)
@@ -454,7 +492,8 @@ def test_sasrec_bce_loss_and_gradients_equal_the_reference():
     model = build_model(cfg).eval()  # eval: no dropout (both have dropout 0 anyway)
     a = ref_mod.parser().parse_args(
         f"--data x --dim {dim} --heads 2 --layers 2 --ffn {4 * dim} --dropout 0 "
-        f"--attn-dropout 0 --pos start --max-len {L} --action-std 0.02".split()
+        f"--attn-dropout 0 --pos {positions.removeprefix('from_')} --max-len {L} "
+        f"--action-std {0.02 if use_actions else -1}".split()
     )
     ref = ref_mod.SASRec(n_items, a).eval()
 
@@ -479,7 +518,8 @@ def test_sasrec_bce_loss_and_gradients_equal_the_reference():
     with torch.no_grad():  # genrec's weights into the reference
         ref.item.weight.zero_()
         ref.item.weight[1:] = table[rows]
-        ref.action.copy_(model.tokens.action_emb.weight[0])
+        if use_actions:
+            ref.action.copy_(model.tokens.action_emb.weight[0])
         ref.pos.weight.copy_(enc.pos_emb.weight[:L])
         ref.ln.load_state_dict(enc.input_norm.state_dict())
         for rb, ob in zip(ref.blocks, enc.blocks):
@@ -492,12 +532,12 @@ def test_sasrec_bce_loss_and_gradients_equal_the_reference():
     out = model(batch, neg, torch.zeros(P))
     out.loss.backward()
 
-    x = torch.zeros(len(lengths), L, dtype=torch.int64)
+    x = torch.zeros(len(lengths), L, dtype=torch.int64)  # inputs: all but the last event
     for b, s in enumerate(seqs):
-        x[b, L - len(s) :] = s
+        x[b, L - len(s) + 1 :] = s[:-1]
     h = ref(x)
     # the state after event t-1 predicts event t (t >= 1), sequence by sequence
-    cols = [(b, L - len(s) + t - 1) for b, s in enumerate(seqs) for t in range(1, len(s))]
+    cols = [(b, L - len(s) + t) for b, s in enumerate(seqs) for t in range(1, len(s))]
     states = h[[b for b, _ in cols], [c for _, c in cols]]
     y = torch.cat([s[1:] for s in seqs])
     pos_l = (states * ref.item(y)).sum(-1)
@@ -510,7 +550,12 @@ def test_sasrec_bce_loss_and_gradients_equal_the_reference():
     torch.testing.assert_close(out.loss, loss, rtol=1e-5, atol=1e-6)
     want_table = torch.zeros_like(table).index_add_(0, rows, ref.item.weight.grad[1:])
     torch.testing.assert_close(table.grad, want_table, rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(model.tokens.action_emb.weight.grad[0], ref.action.grad)
+    action = model.tokens.action_emb.weight
+    if use_actions:
+        torch.testing.assert_close(action.grad[0], ref.action.grad)
+    else:  # held at zero, frozen: no gradient, nothing for the optimizer
+        assert ref.action is None and action.grad is None and not action.requires_grad
+        assert float(action.abs().sum()) == 0.0
     torch.testing.assert_close(enc.pos_emb.weight.grad[:L], ref.pos.weight.grad)
     assert float(enc.pos_emb.weight.grad[L:].abs().sum()) == 0.0
     for rp, op in zip(ref.ln.parameters(), enc.input_norm.parameters()):
