@@ -359,6 +359,11 @@ ABLATION = {
     # configs/amazon_toys_sasrec.yaml (session 4: dropout on item + position, as here)
     "genrec_sasrec_config": "--post-ln 0 --act relu --ffn 64 --pos start --neg-pool 512 "
     "--clip 1 --hashes 2 --action-std 0.02".split(),
+    "item_init_uniform_0.02": ["--init", "uniform_0.02"],
+    # configs/amazon_sports_sasrec.yaml in session 6 (row [8]) and now
+    "genrec_sports_session6": "--hashes 2 --action-std 0.02 --pos start --clip 1 "
+    "--init uniform_0.02".split(),
+    "genrec_sports_config": "--hashes 2 --clip 1 --init uniform_0.02".split(),
 }
 
 

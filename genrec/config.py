@@ -135,7 +135,8 @@ class ModelConfig:
     action_init_std: float = 1.0
     # false: no action signal in the tokens (the action embedding is held at zero, frozen).
     # For logs with one action (Amazon reviews) the embedding is a learnable constant on
-    # every item token, which slowed SASRec's recipe ~10 % on Sports (benchmarks/RESULTS.md).
+    # every item token (SASRec's recipe on Sports: ~4 % lower validation at epoch 9 with it,
+    # benchmarks/RESULTS.md).
     # sum token_mode only (in interleave mode the action token is the state token)
     use_actions: bool = True
     # n in A = SiLU(QK^T + rab) / n; "constant" (= max tokens) keeps states strictly causal
@@ -151,8 +152,8 @@ class ModelConfig:
     sasrec_ffn_dropout: Literal["auto", "on", "off"] = "auto"
     # learned absolute positions. from_start: 0 at a sequence's first event; from_end: the
     # slots of a left-padded max_len row, as SASRec's and the S3-Rec code's (the newest event
-    # read sits in the last slot, whatever the length; ~10 % better early validation on
-    # Sports, benchmarks/RESULTS.md). from_end is for retrieval
+    # read sits in the last slot, whatever the length; ~9 % better validation at epoch 9 in
+    # SASRec's recipe on Sports, benchmarks/RESULTS.md). from_end is for retrieval
     sasrec_positions: Literal["from_start", "from_end"] = "from_start"
     num_actions: int = 8
     user_feature_tokens: list[str] = field(default_factory=list)  # contextual tokens

@@ -8,6 +8,10 @@ the block: "pre_ln", the SASRec paper's (pre-LayerNorm, ReLU feed-forward of wid
 "post_ln", the S3-Rec code's BERT block that the published Amazon rows were run with
 (post-LayerNorm, GELU feed-forward of width 4 dim without dropout inside it, LayerNorm on
 item + position).
+model.sasrec_positions picks the positions: "from_start" counts from a sequence's first
+event, "from_end" gives the slots of a left-padded max_len row as SASRec's code does (the
+newest event whose state is read sits in the last slot; in the jagged rows that is the
+event before the final target, in the exported encoder's rows the last event).
 Selected by model.kind="sasrec". The jagged forward groups sequences by similar length
 and pads each group only to its own longest (the same grouping as the HSTU reference op).
 As in SASRec, the input dropout acts on item + position (the token builder's own dropout,

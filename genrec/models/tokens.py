@@ -6,6 +6,10 @@ Per sequence the token layout is
     sum:        one token per event, proj(item) + action_emb(action)
     interleave: two tokens per event, proj(item) then action_emb(action)   (as in HSTU)
 
+With model.use_actions=false the action embedding is held at zero (frozen), so a token is
+its item's projection alone: for logs with a single action, where the embedding would be a
+learnable constant on every token (SASRec has none).
+
 Ranking candidates (the last num_targets events when `candidates=True`) never show their
 action: in sum mode their token is proj(item) + action_emb(UNKNOWN), in interleave mode
 they get an item token only. Candidates are appended after the history, so the token
