@@ -28,6 +28,11 @@ def init_ray(
         return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    # Serve kills its HTTP proxy when it is not up within 5 s (then every request fails); a
+    # loaded 2-core box can take longer. Read by the Serve controller of a Ray started here
+    # (a joined cluster keeps its own settings)
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+    os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
     if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=log_to_driver)
     else:
