@@ -7,10 +7,10 @@ Not genrec: a second implementation of SASRec as the S3-Rec code trains it (left
 sequences, post-LN GELU blocks with a 4x feed-forward and no dropout inside it, N(0, 0.02)
 init, one uniform negative per position, Adam 1e-3, batch 256), scored with the same
 leave-one-out, full-catalog, history-excluded protocol as benchmarks/quality.py, test
-metrics at the best validation NDCG@10. Each flag switches one part of the recipe to genrec's choice, so a run tells which
-part moves the metrics. `--ablation` runs the recipe and each single change at once (one
-process each; meant for a GPU) and prints one JSON line with every result; otherwise one run
-prints one JSON line. Progress goes to stderr.
+metrics at the best validation NDCG@10. Each flag switches one part of the recipe to
+genrec's choice, so a run tells which part moves the metrics. `--ablation` runs the recipe
+and each single change at once (one process each; meant for a GPU) and prints one JSON line
+with every result; otherwise one run prints one JSON line. Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -171,6 +171,31 @@ class SASRec(nn.Module):
         for b in self.blocks:
             x = b(x, mask)
         return self.final(x)
+
+
+def block_pairs(ref_block, genrec_block):
+    """(reference module, genrec module) pairs of one SASRec block (genrec's
+    `SASRecBlock`, either block kind), weight for weight."""
+    g = genrec_block
+    r = ref_block
+    return [(r.qkv, g.qkv), (r.o, g.out), (r.n1, g.norm1), (r.n2, g.norm2),
+            (r.f1, g.ffn[0]), (r.f2, g.ffn[3])]  # fmt: skip
+
+
+@torch.no_grad()
+def copy_genrec_weights(ref, item_vectors, action, encoder):
+    """A genrec SASRec's weights into this model: `item_vectors` [n_items, d] are items
+    1..n (their k rows summed), `action` the one action's vector (None: no action token),
+    `encoder` genrec's post-LN `SASRecEncoder`. Duck-typed: no genrec import here."""
+    ref.item.weight.zero_()
+    ref.item.weight[1:] = item_vectors
+    if action is not None:
+        ref.action.copy_(action)
+    ref.pos.weight.copy_(encoder.pos_emb.weight[: ref.pos.num_embeddings])
+    ref.ln.load_state_dict(encoder.input_norm.state_dict())
+    for rb, gb in zip(ref.blocks, encoder.blocks):
+        for rm, gm in block_pairs(rb, gb):
+            rm.load_state_dict(gm.state_dict())
 
 
 def evaluate(model, seqs_in, targets, hist_mask_rows, n_items, dev, bs=2048):

@@ -373,14 +373,6 @@ def _sasrec_reference():
     return mod
 
 
-def _block_pairs(ref, ours) -> list:
-    """(reference module, genrec module) pairs of one SASRec block, weight for weight."""
-    return [
-        (ref.qkv, ours.qkv), (ref.o, ours.out), (ref.n1, ours.norm1), (ref.n2, ours.norm2),
-        (ref.f1, ours.ffn[0]), (ref.f2, ours.ffn[3]),
-    ]  # fmt: skip
-
-
 @pytest.mark.parametrize(
     "block,ffn_dropout,dropped",
     [("pre_ln", "auto", True), ("post_ln", "auto", False), ("post_ln", "on", True),
@@ -435,7 +427,7 @@ def test_sasrec_blocks_equal_the_independent_reference(post_ln):
     with torch.no_grad():
         for p in (*ours.parameters(), *enc.input_norm.parameters()):
             p.normal_()  # away from the init, so a swapped or missing part shows
-        for r, o in _block_pairs(ref, ours):
+        for r, o in ref_mod.block_pairs(ref, ours):
             r.load_state_dict(o.state_dict())
     assert ours.norm1.eps == (1e-12 if post_ln else 1e-5)  # S3-Rec's / PyTorch's default
     ref.n1.eps = ref.n2.eps = ours.norm1.eps
@@ -515,16 +507,8 @@ def test_sasrec_bce_loss_and_gradients_equal_the_reference(use_actions, position
     kjt = KeyedJaggedTensor(keys=["item_id"], values=ids, lengths=torch.tensor([n_items]))
     rows = model.sparse.hash_features(kjt).values()  # item i's table row (one hash)
     enc = model.encoder
-    with torch.no_grad():  # genrec's weights into the reference
-        ref.item.weight.zero_()
-        ref.item.weight[1:] = table[rows]
-        if use_actions:
-            ref.action.copy_(model.tokens.action_emb.weight[0])
-        ref.pos.weight.copy_(enc.pos_emb.weight[:L])
-        ref.ln.load_state_dict(enc.input_norm.state_dict())
-        for rb, ob in zip(ref.blocks, enc.blocks):
-            for rm, om in _block_pairs(rb, ob):
-                rm.load_state_dict(om.state_dict())
+    action_vec = model.tokens.action_emb.weight[0] if use_actions else None
+    ref_mod.copy_genrec_weights(ref, table[rows].detach(), action_vec, enc)
 
     P = T - len(lengths)
     neg = torch.randint(1, n_items + 1, (P,), generator=g)  # one per position, in order
@@ -561,6 +545,6 @@ def test_sasrec_bce_loss_and_gradients_equal_the_reference(use_actions, position
     for rp, op in zip(ref.ln.parameters(), enc.input_norm.parameters()):
         torch.testing.assert_close(op.grad, rp.grad, rtol=1e-4, atol=1e-7)
     for rb, ob in zip(ref.blocks, enc.blocks):
-        for rm, om in _block_pairs(rb, ob):
+        for rm, om in ref_mod.block_pairs(rb, ob):
             torch.testing.assert_close(om.weight.grad, rm.weight.grad, rtol=1e-4, atol=1e-7)
             torch.testing.assert_close(om.bias.grad, rm.bias.grad, rtol=1e-4, atol=1e-7)
