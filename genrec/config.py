@@ -58,7 +58,11 @@ class TableConfig:
     num_embeddings: int = 100_000
     dim: int = 64
     features: list[str] = field(default_factory=lambda: ["item_id"])
-    kind: Literal["hashed", "managed_collision"] = "hashed"
+    # hashed: k seeded hashes of the raw id, rows summed (any int64 id, fixed memory);
+    # direct: the raw id IS the row, one row per id and no collisions, for catalogs whose
+    # ids are dense integers below num_embeddings (an id outside fails naming it);
+    # managed_collision: TorchRec's MCH remaps ids, keeping the most frequent
+    kind: Literal["hashed", "direct", "managed_collision"] = "hashed"
     num_hashes: int = 1  # k seeded hash functions, rows summed (k=1: hashing trick)
     # per-coordinate std of an id's embedding (the sum of its k rows) at init; 0: 1/sqrt(dim).
     # Raw dot-product models want it small (SASRec's recipe: 0.02)

@@ -1,7 +1,8 @@
 """The exported programs and the numpy pre-processing that feeds them.
 
 Hashing stays OUTSIDE the programs: raw ids are hashed in numpy (`hash_ids_np`, the bit-for-bit
-twin of training's torch hash) into table rows, and the programs take those rows. Reasons:
+twin of training's torch hash) into table rows, and the programs take those rows (a direct
+table's row is the raw id itself; an id beyond its rows is refused before the program). Reasons:
 the hash relies on int64 wraparound, which is undefined behaviour in the C++ that
 AOTInductor emits; and the rows are what a test can compare with training's
 `SparseEmbeddings.hash_features` directly. The table lookup (sum of the k hashed rows) is
@@ -34,7 +35,7 @@ from genrec.embeddings.hashing import HASH_VERSION, feature_seed, hash_ids_np
 
 
 def hashing_spec(cfg: Config) -> dict:
-    """Per embedded feature: its table, bucket count and the seeds of its k hashes."""
+    """Per embedded feature: its table, its kind, bucket count and the seeds of its k hashes."""
     out = {}
     for t in cfg.embeddings.tables:
         for f in t.features:
@@ -45,7 +46,9 @@ def hashing_spec(cfg: Config) -> dict:
                 "num_hashes": t.num_hashes,
                 "seeds": [
                     feature_seed(f, j, cfg.embeddings.hash_version) for j in range(t.num_hashes)
-                ],
+                ]
+                if t.kind == "hashed"
+                else [],  # direct: the row is the raw id
             }
     return {
         "version": HASH_VERSION,
@@ -54,9 +57,28 @@ def hashing_spec(cfg: Config) -> dict:
     }
 
 
+def direct_rows_beyond(raw_ids, item_hashing: dict) -> int | None:
+    """Index of the first raw id a direct item table has no row for (None: all have one, or
+    the table is hashed and every id has rows)."""
+    if item_hashing.get("kind") != "direct":
+        return None
+    raw = np.asarray(raw_ids, dtype=np.int64).reshape(-1)
+    bad = np.flatnonzero((raw < 0) | (raw >= item_hashing["num_buckets"]))
+    return int(bad[0]) if bad.size else None
+
+
 def item_rows_np(raw_ids: np.ndarray, item_hashing: dict) -> np.ndarray:
-    """Raw int64 ids (any shape) -> table rows [..., k], exactly as training hashes them."""
+    """Raw int64 ids (any shape) -> table rows [..., k], exactly as training maps them
+    (k seeded hashes; a direct table's row is the id itself, k=1)."""
     raw = np.asarray(raw_ids, dtype=np.int64)
+    if item_hashing.get("kind") == "direct":
+        i = direct_rows_beyond(raw, item_hashing)
+        if i is not None:
+            raise ValueError(
+                f"item id {int(raw.reshape(-1)[i])} has no row in the direct item table "
+                f"(ids 0..{item_hashing['num_buckets'] - 1}): the model never saw it"
+            )
+        return raw[..., None].copy()
     cols = [hash_ids_np(raw, s, item_hashing["num_buckets"]) for s in item_hashing["seeds"]]
     return np.stack(cols, axis=-1)
 
@@ -71,10 +93,11 @@ def _core(model: nn.Module) -> nn.Module:
 def _item_table(model: nn.Module, cfg: Config) -> torch.Tensor:
     """The weight of the table that embeds item_id (a plain copy, unsharded)."""
     table = next(t for t in cfg.embeddings.tables if ITEM_KEY in t.features)
-    if table.kind != "hashed":
+    if table.kind == "managed_collision":
         raise ValueError(
-            f"export: table {table.name!r} is managed_collision; only hashed item tables can be "
-            "exported (the MCH remapping is stateful); use kind: hashed for serving models"
+            f"export: table {table.name!r} is managed_collision; only hashed or direct item "
+            "tables can be exported (the MCH remapping is stateful); use kind: hashed or "
+            "direct for serving models"
         )
     return model.sparse.table_weight(table.name).detach().clone()
 

@@ -2,7 +2,7 @@
 
 Pydantic checks the shape (unknown fields, non-integer or negative ids, ids beyond int64);
 `check_*` checks what depends on the artifact (deploy.max_history, deploy.max_k, the
-model's action codes, aligned list lengths). Every failure is a `RequestError` whose
+model's action codes, aligned list lengths, ids a direct item table has no row for). Every failure is a `RequestError` whose
 message starts with the offending field, e.g. "history[3]: Input should be a valid integer".
 """
 
@@ -13,6 +13,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 from genrec.config import DeployConfig
+from genrec.deploy.programs import direct_rows_beyond
 
 INT64_MAX = (1 << 63) - 1
 RawId = Annotated[StrictInt, Field(ge=0, le=INT64_MAX)]
@@ -64,7 +65,19 @@ def parse(model: type[BaseModel], body: bytes) -> BaseModel:
         raise RequestError(_field_name(err["loc"]), err["msg"] + more) from None
 
 
-def _check_history(req: _History, limits: DeployConfig, num_actions: int) -> None:
+def _check_ids(field: str, ids: list[int], item_hashing: dict) -> None:
+    i = direct_rows_beyond(ids, item_hashing)
+    if i is not None:
+        raise RequestError(
+            f"{field}[{i}]",
+            f"item id {ids[i]} has no row in the model's direct item table (ids 0.."
+            f"{item_hashing['num_buckets'] - 1}); the model never saw it, leave it out",
+        )
+
+
+def _check_history(
+    req: _History, limits: DeployConfig, num_actions: int, item_hashing: dict
+) -> None:
     n = len(req.history)
     if n == 0:
         raise RequestError("history", "is empty; send at least one raw item id")
@@ -82,16 +95,22 @@ def _check_history(req: _History, limits: DeployConfig, num_actions: int) -> Non
         for i, a in enumerate(req.actions):
             if a >= num_actions:
                 raise RequestError(f"actions[{i}]", f"action code {a} is not in [0, {num_actions})")
+    _check_ids("history", req.history, item_hashing)
 
 
-def check_recommend(req: RecommendRequest, limits: DeployConfig, num_actions: int) -> None:
-    _check_history(req, limits, num_actions)
+def check_recommend(
+    req: RecommendRequest, limits: DeployConfig, num_actions: int, item_hashing: dict
+) -> None:
+    """`item_hashing`: the artifact's id -> row spec of item_id (manifest hashing)."""
+    _check_history(req, limits, num_actions, item_hashing)
     if not 1 <= req.k <= limits.max_k:
         raise RequestError("k", f"must be in [1, {limits.max_k}] (deploy.max_k), got {req.k}")
 
 
-def check_rank(req: RankRequest, limits: DeployConfig, num_actions: int) -> None:
-    _check_history(req, limits, num_actions)
+def check_rank(
+    req: RankRequest, limits: DeployConfig, num_actions: int, item_hashing: dict
+) -> None:
+    _check_history(req, limits, num_actions, item_hashing)
     if not req.candidates:
         raise RequestError("candidates", "is empty; send at least one raw item id to score")
     if len(req.candidates) > limits.max_k:
@@ -99,3 +118,4 @@ def check_rank(req: RankRequest, limits: DeployConfig, num_actions: int) -> None
             "candidates",
             f"has {len(req.candidates)} ids, more than deploy.max_k={limits.max_k}",
         )
+    _check_ids("candidates", req.candidates, item_hashing)

@@ -14,7 +14,8 @@ Endpoints
 Bad requests get 4xx with {"detail": "<field>: <what is wrong>", "field": ...}, never a 500:
 422 for invalid fields, 400 for malformed JSON or an endpoint the artifact lacks, 413 for a
 body over deploy.max_body_bytes. Concurrent requests are batched (Ray Serve `serve.batch`)
-into one program call; raw ids are hashed in numpy exactly as in training (unseen ids too).
+into one program call; raw ids are hashed in numpy exactly as in training (unseen ids too;
+a direct item table refuses an id it has no row for, 422 naming it).
 The proxy binds 127.0.0.1 unless a host is given.
 """
 
@@ -130,7 +131,7 @@ class GenrecService:
                     status=400,
                 )
             req = parse(RecommendRequest, await _read_body(request, self.limits.max_body_bytes))
-            check_recommend(req, self.limits, self.num_actions)
+            check_recommend(req, self.limits, self.num_actions, self.art.item_hashing)
         except RequestError as e:
             return _error(e)
         return await self._recommend_batch(req)
@@ -146,7 +147,7 @@ class GenrecService:
                     status=400,
                 )
             req = parse(RankRequest, await _read_body(request, self.limits.max_body_bytes))
-            check_rank(req, self.limits, self.num_actions)
+            check_rank(req, self.limits, self.num_actions, self.art.item_hashing)
         except RequestError as e:
             return _error(e)
         return await self._rank_batch(req)

@@ -1,4 +1,4 @@
-"""Embedding tables from config: hashed, unified and managed-collision TorchRec tables.
+"""Embedding tables from config: hashed, direct, unified and managed-collision tables.
 
 `SparseEmbeddings` is the one module the model and trainer use. It turns a KJT of RAW ids
 into table rows on the local rank (`hash_features`), then looks the rows up in TorchRec
@@ -9,12 +9,17 @@ collections that DistributedModelParallel may replace by sharded ones:
   of its own in the collection, named "f" (k=1) or "f#j".
 - unified embeddings (Coleman et al., 2023): several features list the same table; each
   feature keeps its own seeds, so features share capacity but not collisions.
+- direct tables (kind="direct"): the raw id is the row, one row per id and no collisions,
+  for catalogs whose ids are dense integers in [0, num_embeddings). An id outside that
+  range fails naming the feature, the id and the table (one host sync per step and feature
+  for the check; an out-of-range row would otherwise read another table's memory or
+  crash the device).
 - managed collision (kind="managed_collision"): TorchRec's MCH module remaps raw ids to
   rows, keeping the most frequent ids (LFU eviction). Raw ids pass through unhashed.
 
-Hashed tables live in `ec` (an EmbeddingCollection) and managed-collision tables in
-`mc_ec` (a ManagedCollisionEmbeddingCollection); either is None when no table is of its
-kind. Both are what DMP shards. Hashed tables named in `replicated` (their sharding
+Hashed and direct tables live in `ec` (an EmbeddingCollection) and managed-collision
+tables in `mc_ec` (a ManagedCollisionEmbeddingCollection); either is None when no table is
+of its kind. Both are what DMP shards. Hashed or direct tables named in `replicated` (their sharding
 strategy is data_parallel, see `genrec.sharding_plans.strategies.replicated_tables`) are
 NOT in `ec`: they are plain `ReplicatedTable` modules in `replicated`, which DMP's
 data-parallel wrapper (DDP) replicates and whose gradients it averages across ranks; the
@@ -76,8 +81,8 @@ def _validate(cfg: EmbeddingsConfig) -> None:
             )
         if t.num_hashes < 1:
             raise ValueError(f"{where}: num_hashes must be >= 1, got {t.num_hashes}")
-        if t.kind == "managed_collision" and t.num_hashes != 1:
-            raise ValueError(f"{where}: managed_collision tables take num_hashes: 1")
+        if t.kind != "hashed" and t.num_hashes != 1:
+            raise ValueError(f"{where}: {t.kind} tables take num_hashes: 1 (no hashing)")
         if not t.features:
             raise ValueError(f"{where}: features is empty; list the features it embeds")
         for f in t.features:
@@ -111,6 +116,20 @@ def _embedding_config(t: TableConfig) -> EmbeddingConfig:
     )
 
 
+def check_direct_ids(ids: torch.Tensor, feature: str, t: TableConfig) -> None:
+    """Fail naming the feature, the id and the table when a direct table has no row for
+    an id (the raw id is the row)."""
+    bad = (ids < 0) | (ids >= t.num_embeddings)
+    if ids.numel() and bool(bad.any()):
+        first = int(ids[bad][0])
+        raise ValueError(
+            f"feature {feature!r}: raw id {first} (and {int(bad.sum()) - 1} more in this batch) "
+            f"is outside table {t.name!r}'s rows [0, {t.num_embeddings}): a kind: direct table "
+            "maps each id to its own row; raise num_embeddings above the largest id, re-map "
+            "the ids to a dense range, or use kind: hashed"
+        )
+
+
 class ReplicatedTable(torch.nn.Module):
     """A data-parallel table: one full fp32 weight per rank, dense gradients (DDP averages).
 
@@ -134,7 +153,7 @@ class ReplicatedTable(torch.nn.Module):
 
 
 class SparseEmbeddings(torch.nn.Module):
-    """Raw-id KJT -> per-feature jagged embeddings over hashed/unified/MC tables."""
+    """Raw-id KJT -> per-feature jagged embeddings over hashed/direct/unified/MC tables."""
 
     def __init__(
         self,
@@ -145,7 +164,7 @@ class SparseEmbeddings(torch.nn.Module):
     ) -> None:
         """`mc_buckets`: buckets of MCH tables, a multiple of the world size for row-wise
         sharding (None: the process group's world size, 1 without one). `replicated`:
-        hashed tables held as data-parallel `ReplicatedTable`s instead of in `ec` (use
+        hashed/direct tables held as data-parallel `ReplicatedTable`s instead of in `ec` (use
         `from_config`, which reads them from the sharding config)."""
         super().__init__()
         if mc_buckets is None:
@@ -156,31 +175,37 @@ class SparseEmbeddings(torch.nn.Module):
         self._table_of: dict[str, TableConfig] = {f: t for t in cfg.tables for f in t.features}
         by_name = {t.name: t for t in cfg.tables}
         for name in replicated:
-            if name not in by_name or by_name[name].kind != "hashed":
+            if name not in by_name or by_name[name].kind == "managed_collision":
                 raise ValueError(
-                    f"replicated (data_parallel) table {name!r}: not a hashed table of "
-                    f"embeddings.tables ({sorted(by_name)}); managed_collision tables shard "
+                    f"replicated (data_parallel) table {name!r}: not a hashed or direct table "
+                    f"of embeddings.tables ({sorted(by_name)}); managed_collision tables shard "
                     "row_wise only"
                 )
-        hashed = [t for t in cfg.tables if t.kind == "hashed" and t.name not in replicated]
+        ec_tables = [
+            t for t in cfg.tables if t.kind != "managed_collision" and t.name not in replicated
+        ]
         dp = [t for t in cfg.tables if t.name in replicated]
         managed = [t for t in cfg.tables if t.kind == "managed_collision"]
         # row-KJT key order: EC tables' keys, replicated tables' keys, managed tables' keys
-        self._ec_keys = [k for t in hashed for f in t.features for k in hash_keys(f, t.num_hashes)]
+        self._ec_keys = [
+            k for t in ec_tables for f in t.features for k in hash_keys(f, t.num_hashes)
+        ]
         self._dp_keys = [k for t in dp for f in t.features for k in hash_keys(f, t.num_hashes)]
         self._mc_keys = [f for t in managed for f in t.features]
         self._seeds = {
             k: feature_seed(f, j, cfg.hash_version)
-            for t in hashed + dp
+            for t in ec_tables + dp
+            if t.kind == "hashed"
             for f in t.features
             for j, k in enumerate(hash_keys(f, t.num_hashes))
         }
+        self._direct = {f for t in ec_tables + dp if t.kind == "direct" for f in t.features}
         self.replicated = torch.nn.ModuleDict({t.name: ReplicatedTable(t, device) for t in dp})
         self.ec: EmbeddingCollection | None = None
         self.mc_ec: ManagedCollisionEmbeddingCollection | None = None
-        if hashed:
+        if ec_tables:
             self.ec = EmbeddingCollection(
-                tables=[_embedding_config(t) for t in hashed], device=device
+                tables=[_embedding_config(t) for t in ec_tables], device=device
             )
         if managed:
             mc_tables = EmbeddingCollection(
@@ -207,12 +232,12 @@ class SparseEmbeddings(torch.nn.Module):
         return cls(cfg.embeddings, device=device, replicated=replicated_tables(cfg))
 
     def table_weight(self, name: str) -> torch.Tensor:
-        """The full weight of a hashed table of an UNSHARDED module (export, tests)."""
+        """The full weight of a hashed/direct table of an UNSHARDED module (export, tests)."""
         if name in self.replicated:
             return self.replicated[name].weight
         if self.ec is not None and name in self.ec.embeddings:
             return self.ec.embeddings[name].weight
-        raise KeyError(f"no hashed table {name!r} (replicated or in ec)")
+        raise KeyError(f"no hashed or direct table {name!r} (replicated or in ec)")
 
     @property
     def features(self) -> list[str]:
@@ -244,6 +269,8 @@ class SparseEmbeddings(torch.nn.Module):
             ids = jt.values()
             if key in self._seeds:
                 ids = hash_ids(ids, self._seeds[key], self._table_of[feature].num_embeddings)
+            elif feature in self._direct:
+                check_direct_ids(ids, feature, self._table_of[feature])
             values.append(ids.to(torch.int64))
             lengths.append(jt.lengths().to(torch.int32))
         device = kjt.values().device
@@ -300,7 +327,7 @@ class SparseEmbeddings(torch.nn.Module):
             table = self._table_of.get(feature)
             if table is None:
                 continue
-            keys = hash_keys(feature, table.num_hashes) if table.kind == "hashed" else [feature]
+            keys = hash_keys(feature, table.num_hashes)
             emb = looked_up[keys[0]]
             for key in keys[1:]:
                 emb = emb + looked_up[key]

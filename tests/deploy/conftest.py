@@ -91,3 +91,18 @@ def ranking_setup(deploy_env):
     out = deploy_env.root / "artifact-ranking"
     export(str(ckpt), str(out), compile_aot=False)
     return model, out
+
+
+@pytest.fixture(scope="session")
+def direct_setup(deploy_env):
+    """(eager retrieval model with a direct item table, its artifact without AOT compile)."""
+    from genrec.deploy.export import export
+    from genrec.models.build import build_model
+
+    cfg = tiny_config(deploy_env.cfg.data.prepared_dir, direct=True)
+    torch.manual_seed(2)
+    model = build_model(cfg).eval()
+    ckpt = save_unsharded_checkpoint(model, cfg, deploy_env.root / "direct-run")
+    out = deploy_env.root / "artifact-direct"
+    export(str(ckpt), str(out), compile_aot=False)
+    return model, out

@@ -12,12 +12,25 @@ import torch
 from genrec.config import Config, TableConfig, from_dict, to_dict
 from genrec.data_pipeline.batch import Batch, make_batch
 
+ML100K_MAX_ITEM = 1682  # ml-100k's item ids are 1..1682: a direct table needs 1683 rows
 
-def tiny_config(prepared_dir: str, task: str = "retrieval") -> Config:
+
+def tiny_config(prepared_dir: str, task: str = "retrieval", direct: bool = False) -> Config:
+    """A small model over ml-100k; `direct`: the item table has one row per raw id."""
     cfg = Config()
     cfg.data.prepared_dir = prepared_dir
     cfg.embeddings.tables = [
-        TableConfig(name="item", num_embeddings=4096, dim=32, features=["item_id"], num_hashes=2)
+        TableConfig(
+            name="item",
+            num_embeddings=ML100K_MAX_ITEM + 1,
+            dim=32,
+            features=["item_id"],
+            kind="direct",
+        )
+        if direct
+        else TableConfig(
+            name="item", num_embeddings=4096, dim=32, features=["item_id"], num_hashes=2
+        )
     ]
     m = cfg.model
     m.task = task

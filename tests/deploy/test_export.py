@@ -183,3 +183,27 @@ def test_ranker_export_matches_eager(deploy_env, ranking_setup):
         mine = probs[rows == b]
         for j, task in enumerate(art.tasks):
             assert np.abs(np.array(got[b][task]) - mine[:, j].numpy()).max() < TOL
+
+
+def test_direct_item_table_exports_and_refuses_ids_without_a_row(deploy_env, direct_setup):
+    """kind=direct: serving's rows are the raw ids, as training's; the exported program
+    equals the eager model (states and top-K); an id beyond the table fails naming it."""
+    model, out = direct_setup
+    art = Artifact(out, prefer_aot=False)
+    spec = art.item_hashing
+    assert spec["kind"] == "direct" and spec["seeds"] == [] and spec["num_buckets"] == 1683
+    raw = deploy_env.catalog[:50]
+    batch = make_batch(raw, np.zeros_like(raw), np.zeros_like(raw), [raw.size], [0], [0], [0])
+    rows = model.sparse.hash_features(batch.features)["item_id"].values().numpy()
+    np.testing.assert_array_equal(item_rows_np(raw, spec)[:, 0], rows)
+    np.testing.assert_array_equal(rows, raw)
+    seqs = deploy_env.seqs[:8]
+    with torch.no_grad():
+        eager, _, _ = model.user_states(query_batch(seqs, True))
+    assert (art.encode(*_args(seqs)) - eager).abs().max().item() < TOL
+    ids, scores, _ = model.top_k(query_batch(seqs, True), torch.from_numpy(deploy_env.catalog), 10)
+    for r, i, s in zip(art.recommend(*_args(seqs)[:1], 10, *_args(seqs)[1:]), ids, scores):
+        np.testing.assert_array_equal(r.ids, i.numpy())
+        assert np.abs(r.scores - s.numpy()).max() < TOL
+    with pytest.raises(ValueError, match=r"item id 1683 has no row in the direct item table"):
+        art.encode([np.array([5, 1683, 7])])

@@ -16,18 +16,20 @@ from tests.deploy.helpers import query_batch
 
 
 @pytest.fixture(scope="module")
-def service(ray_local, retrieval_artifact, ranking_setup):
-    """Both artifacts served once: retrieval at /, the ranker at /ranker."""
+def service(ray_local, retrieval_artifact, ranking_setup, direct_setup):
+    """The artifacts served once: retrieval at /, the ranker at /ranker, the retrieval model
+    with a direct item table at /direct."""
     from genrec.deploy.serve import serve
 
     handle = serve(str(retrieval_artifact), port=free_port(), blocking=False)
-    serve(
-        str(ranking_setup[1]),
-        port=int(handle.url.rsplit(":", 1)[1]),
-        blocking=False,
-        name="ranker",
-        route_prefix="/ranker",
-    )
+    for name, artifact in (("ranker", ranking_setup[1]), ("direct", direct_setup[1])):
+        serve(
+            str(artifact),
+            port=int(handle.url.rsplit(":", 1)[1]),
+            blocking=False,
+            name=name,
+            route_prefix=f"/{name}",
+        )
     try:
         with httpx.Client(base_url=handle.url, timeout=60.0) as client:
             yield client
@@ -152,3 +154,17 @@ def test_malformed_json_is_400(service):
 def test_bad_rank_request(service, body, field):
     r = service.post("/ranker/rank", json=body)
     assert r.status_code == 422 and r.json()["detail"].startswith(f"{field}:"), r.text
+
+
+def test_direct_table_artifact_serves_and_refuses_ids_without_a_row(
+    service, deploy_env, direct_setup
+):
+    seq = deploy_env.seqs[4]
+    r = service.post("/direct/recommend", json=_body(seq, k=10))
+    offline = Artifact(direct_setup[1]).recommend(
+        [seq["item_id"]], 10, [seq["timestamp"]], [seq["action"]]
+    )
+    assert r.status_code == 200 and r.json()["item_ids"] == offline[0].ids.tolist()
+    r = service.post("/direct/recommend", json={"history": [3, 1682, 1683, 9], "k": 5})
+    assert r.status_code == 422 and r.json()["field"] == "history[2]", r.text
+    assert "1683 has no row in the model's direct item table (ids 0..1682)" in r.json()["detail"]

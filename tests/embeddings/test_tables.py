@@ -219,3 +219,52 @@ def test_init_std_is_the_std_of_an_ids_summed_rows(replicated, init_std):
     cfg.embeddings.tables[0].init_std = -1.0
     with pytest.raises(ValueError, match="init_std=-1.0 must be >= 0"):
         SparseEmbeddings.from_config(cfg)
+
+
+@pytest.mark.parametrize("replicated", [False, True])
+def test_direct_table_rows_are_the_raw_ids(replicated):
+    """kind=direct: id i reads row i (no hashing, no collisions), in the EC and the
+    replicated path; an id without a row fails naming the feature, the id and the table."""
+    from genrec.config import Config
+
+    cfg = Config()
+    cfg.embeddings = EmbeddingsConfig(
+        tables=[
+            TableConfig(name="item", num_embeddings=12, dim=8, features=["item_id"], kind="direct"),
+            TableConfig(name="user", num_embeddings=31, dim=8, features=["user_id"]),
+        ]
+    )
+    if replicated:
+        cfg.sharding.overrides = {"item": "data_parallel"}
+    m = SparseEmbeddings.from_config(cfg)
+    assert ("item" in m.replicated) == replicated
+    ids = torch.tensor([11, 0, 3, 3, 7])
+    kjt = KeyedJaggedTensor(
+        keys=["item_id", "user_id"],
+        values=torch.cat([ids, torch.tensor([10**15, 4])]),
+        lengths=torch.tensor([2, 3, 1, 1]),
+    )
+    assert m.hash_features(kjt)["item_id"].values().tolist() == ids.tolist()
+    out = m(kjt)["item_id"].values()
+    w = m.table_weight("item")
+    assert torch.equal(out, w.detach()[ids])
+    out.sum().backward()  # row 3 twice, every other row of ids once, the rest untouched
+    counts = torch.zeros(12)
+    counts.index_add_(0, ids, torch.ones(5))
+    torch.testing.assert_close(w.grad.sum(dim=1), counts * 8)
+    for bad in (12, -1):
+        jt = KeyedJaggedTensor(
+            keys=["item_id"], values=torch.tensor([1, bad, 2]), lengths=torch.tensor([3])
+        )
+        with pytest.raises(
+            ValueError,
+            match=rf"feature 'item_id': raw id {bad} .*table 'item'"
+            r"'s rows \[0, 12\)",
+        ):
+            m(jt)
+    with pytest.raises(ValueError, match="direct tables take num_hashes: 1"):
+        SparseEmbeddings(
+            EmbeddingsConfig(
+                tables=[TableConfig(name="item", features=["item_id"], kind="direct", num_hashes=2)]
+            )
+        )

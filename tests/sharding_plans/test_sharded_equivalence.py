@@ -12,7 +12,8 @@ computes on the unsharded copy from both ranks' batches (< 1e-5):
   (SGD, not the trainer's AdamW, because Adam's first step is ~lr * sign(grad) and could
   not tell an averaged gradient from a summed one) gives identical replicas on both ranks.
 
-Cases: every named strategy for all tables, plus row_wise with a data_parallel override
+Tables: a 2-hash unified table, a 1-hash table and a direct one (raw id = row). Cases:
+every named strategy for all tables, plus row_wise with a data_parallel override
 (both paths in one module). The count-min sketch's all_reduce_ is checked in the same spawn.
 """
 
@@ -24,7 +25,8 @@ from tests.dist_utils import run_on_ranks
 
 DIM = 16
 LR = 0.1
-TABLES = ["item", "user"]
+TABLES = ["item", "user", "cat"]
+CATEGORIES = 24  # rows of the direct table "cat": raw category ids are its rows
 CASES: dict[str, tuple[str, dict[str, str]]] = {  # label -> (strategy, overrides)
     "table_wise": ("table_wise", {}),
     "row_wise": ("row_wise", {}),
@@ -45,6 +47,13 @@ def _cfg(strategy: str, overrides: dict[str, str]):
                 name="item", num_embeddings=64, dim=DIM, features=["item_id", "brand"], num_hashes=2
             ),
             TableConfig(name="user", num_embeddings=40, dim=DIM, features=["user_id"]),
+            TableConfig(
+                name="cat",
+                num_embeddings=CATEGORIES,
+                dim=DIM,
+                features=["category"],
+                kind="direct",
+            ),
         ]
     )
     cfg.sharding.strategy = strategy
@@ -55,14 +64,21 @@ def _cfg(strategy: str, overrides: dict[str, str]):
 
 
 def _kjt(rank: int):
-    """Rank-dependent raw ids; keys carry different lengths; 'brand' absent on rank 1."""
+    """Rank-dependent raw ids; keys carry different lengths; 'brand' absent on rank 1;
+    'category' ids are rows of the direct table."""
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
     g = torch.Generator().manual_seed(100 + rank)
     keys = ["item_id", "user_id"] + (["brand"] if rank == 0 else [])
     lengths = torch.randint(0, 5, (len(keys) * 3,), generator=g)
     values = torch.randint(-(10**12), 10**12, (int(lengths.sum()),), generator=g)
-    return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths)
+    cat_lengths = torch.randint(1, 5, (3,), generator=g)
+    cat_ids = torch.randint(0, CATEGORIES, (int(cat_lengths.sum()),), generator=g)
+    return KeyedJaggedTensor(
+        keys=keys + ["category"],
+        values=torch.cat([values, cat_ids]),
+        lengths=torch.cat([lengths, cat_lengths]),
+    )
 
 
 def _loss(out: dict, rank: int) -> torch.Tensor:
@@ -220,13 +236,13 @@ def test_sharded_equals_unsharded_all_strategies():
             assert r["forward"] < 1e-6, (rank, case, r)
             assert r["step"] < 1e-5, (rank, case, r)
     # data_parallel tables are replicated modules, trained by the dense optimizer
-    assert per_rank[0]["data_parallel"]["replicated"] == ["item", "user"]
+    assert per_rank[0]["data_parallel"]["replicated"] == ["item", "user", "cat"]
     assert per_rank[0]["row_wise+user_dp"]["replicated"] == ["user"]
     assert per_rank[0]["row_wise"]["dense_params"] == []
     assert per_rank[0]["row_wise+user_dp"]["dense_params"] == ["sparse.replicated.user.weight"]
     for case in CASES:
         r0, r1 = per_rank[0][case], per_rank[1][case]
-        assert sorted(r0["replicas"]) == r0["replicated"], case
+        assert sorted(r0["replicas"]) == sorted(r0["replicated"]), case
         for name, w in r0["replicas"].items():  # replicas identical on both ranks
             assert torch.equal(w, r1["replicas"][name]), (case, name)
         # the step really moved rows (somewhere): not a vacuous comparison
