@@ -388,7 +388,9 @@ ABLATION = {
     # configs/amazon_sports_sasrec.yaml in session 6 (row [8]) and now
     "genrec_sports_session6": "--hashes 2 --action-std 0.02 --pos start --clip 1 "
     "--init uniform_0.02".split(),
-    "genrec_sports_config": "--hashes 2 --clip 1 --init uniform_0.02".split(),
+    "genrec_sports_session7": "--hashes 2 --clip 1 --init uniform_0.02".split(),
+    # configs/amazon_sports_sasrec.yaml now: one row per item (kind: direct)
+    "genrec_sports_config": "--clip 1 --init uniform_0.02".split(),
 }
 
 
