@@ -135,7 +135,7 @@ def _export_program(
 
 def _feature_spec(cfg: Config, ranker: bool) -> dict:
     inputs = {
-        "item_rows": "int64 [B, L, k]: table rows of the history's raw item ids (hashing.features.item_id)",
+        "item_rows": "int64 [B, L, k]: table rows of the history's raw item ids (see hashing)",
         "actions": f"int64 [B, L] in [0, {cfg.model.num_actions}) (request default 0)",
         "timestamps": "int64 [B, L] seconds (request default 0)",
         "lengths": "int64 [B] in [1, L]; events left-aligned, the rest is padding",

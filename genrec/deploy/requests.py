@@ -2,8 +2,9 @@
 
 Pydantic checks the shape (unknown fields, non-integer or negative ids, ids beyond int64);
 `check_*` checks what depends on the artifact (deploy.max_history, deploy.max_k, the
-model's action codes, aligned list lengths, ids a direct item table has no row for). Every failure is a `RequestError` whose
-message starts with the offending field, e.g. "history[3]: Input should be a valid integer".
+model's action codes, aligned list lengths, ids a direct item table has no row for).
+Every failure is a `RequestError` whose message starts with the offending field, e.g.
+"history[3]: Input should be a valid integer".
 """
 
 from __future__ import annotations

@@ -19,11 +19,12 @@ collections that DistributedModelParallel may replace by sharded ones:
 
 Hashed and direct tables live in `ec` (an EmbeddingCollection) and managed-collision
 tables in `mc_ec` (a ManagedCollisionEmbeddingCollection); either is None when no table is
-of its kind. Both are what DMP shards. Hashed or direct tables named in `replicated` (their sharding
-strategy is data_parallel, see `genrec.sharding_plans.strategies.replicated_tables`) are
-NOT in `ec`: they are plain `ReplicatedTable` modules in `replicated`, which DMP's
-data-parallel wrapper (DDP) replicates and whose gradients it averages across ranks; the
-trainer's dense optimizer updates them. Same hashing, same k-row sum, same init bounds as
+of its kind. Both are what DMP shards. Hashed or direct tables named in `replicated`
+(their sharding strategy is data_parallel, see
+`genrec.sharding_plans.strategies.replicated_tables`) are NOT in `ec`: they are plain
+`ReplicatedTable` modules in `replicated`, which DMP's data-parallel wrapper (DDP)
+replicates and whose gradients it averages across ranks; the trainer's dense optimizer
+updates them. Same hashing, same k-row sum, same init bounds as
 in `ec`, on every device (TorchRec's own DP sharding of an EmbeddingCollection needs the
 dense kernel, whose CPU lookup pools sequence embeddings). All tables share one dim (an
 EmbeddingCollection requirement); a smaller feature can live in its own table of that dim.
@@ -164,8 +165,8 @@ class SparseEmbeddings(torch.nn.Module):
     ) -> None:
         """`mc_buckets`: buckets of MCH tables, a multiple of the world size for row-wise
         sharding (None: the process group's world size, 1 without one). `replicated`:
-        hashed/direct tables held as data-parallel `ReplicatedTable`s instead of in `ec` (use
-        `from_config`, which reads them from the sharding config)."""
+        hashed/direct tables held as data-parallel `ReplicatedTable`s instead of in `ec`
+        (use `from_config`, which reads them from the sharding config)."""
         super().__init__()
         if mc_buckets is None:
             mc_buckets = dist.get_world_size() if dist.is_initialized() else 1
