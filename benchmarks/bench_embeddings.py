@@ -1,7 +1,7 @@
 """Embedding lookups/s (forward + backward with the fused optimizer) per sharding strategy.
 
-Spawns `--world` gloo ranks on 127.0.0.1; each rank shards one hashed table with each
-strategy (DMP + genrec's plan) and times forward+backward on random raw ids. data_parallel
+Spawns `--world` gloo ranks on 127.0.0.1; each rank shards one table (hashed, or with
+`--kind direct` one row per id, the ids drawn in [0, rows)) with each strategy (DMP + genrec's plan) and times forward+backward on random raw ids. data_parallel
 replicates the table (DDP all-reduces its dense [rows, dim] gradient every step) and steps
 AdamW on it, as the trainer does: only cheap for small tables. Rank 0 also
 times an unsharded torch.nn.EmbeddingBag (one id per bag, sum) on the same ids as a floor.
@@ -10,6 +10,8 @@ Prints one JSON line: lookups/s summed over ranks per strategy, and the baseline
     python benchmarks/bench_embeddings.py --rows 1000000 --dim 64 --batch 256 --seq-len 50
     python benchmarks/bench_embeddings.py --world 1 --rows 262144 --num-hashes 2 --seq-len 10 \
         --strategies data_parallel     # the SASRec recipes' replicated item table
+    python benchmarks/bench_embeddings.py --world 1 --rows 18358 --seq-len 10 --kind direct \
+        --strategies data_parallel     # the same, one row per item (Sports)
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ def _batch(args, step: int, rank: int):
 
     g = torch.Generator().manual_seed(1000 * step + rank)
     lengths = torch.full((args.batch,), args.seq_len, dtype=torch.int64)
-    values = torch.randint(0, 1 << 40, (args.batch * args.seq_len,), generator=g)
+    high = args.rows if args.kind == "direct" else 1 << 40  # raw ids: a direct table's rows
+    values = torch.randint(0, high, (args.batch * args.seq_len,), generator=g)
     return KeyedJaggedTensor(keys=["item_id"], values=values, lengths=lengths)
 
 
@@ -59,6 +62,7 @@ def _time_strategy(args, strategy: str, rank: int, world: int) -> float | str:
                 dim=args.dim,
                 features=["item_id"],
                 num_hashes=args.num_hashes,
+                kind=args.kind,
             )
         ]
     )
@@ -139,6 +143,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256, help="sequences per rank per step")
     p.add_argument("--seq-len", type=int, default=50)
     p.add_argument("--num-hashes", type=int, default=1, help="k hashed rows summed per id")
+    p.add_argument(
+        "--kind",
+        choices=["hashed", "direct"],
+        default="hashed",
+        help="direct: the raw id is the row (embeddings.tables[].kind; takes --num-hashes 1)",
+    )
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
@@ -151,6 +161,8 @@ def main() -> None:
     )
     p.add_argument("--strategies", nargs="+", default=STRATEGIES, choices=STRATEGIES)
     args = p.parse_args()
+    if args.kind == "direct" and args.num_hashes != 1:
+        p.error("--kind direct takes --num-hashes 1: a direct table does not hash")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -168,6 +180,7 @@ def main() -> None:
                 "rows": args.rows,
                 "dim": args.dim,
                 "num_hashes": args.num_hashes,
+                "kind": args.kind,
                 "host_allocator": args.host_allocator,
                 "lookups_per_step_per_rank": args.batch * args.seq_len,
                 "threads_per_rank": args.threads,
