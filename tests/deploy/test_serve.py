@@ -168,3 +168,20 @@ def test_direct_table_artifact_serves_and_refuses_ids_without_a_row(
     r = service.post("/direct/recommend", json={"history": [3, 1682, 1683, 9], "k": 5})
     assert r.status_code == 422 and r.json()["field"] == "history[2]", r.text
     assert "1683 has no row in the model's direct item table (ids 0..1682)" in r.json()["detail"]
+
+
+def test_direct_table_request_checks_name_the_field():
+    """check_* against a direct item table's spec: the first id without a row is named by
+    its field and index (history before candidates); a hashed spec takes any id."""
+    from genrec.config import DeployConfig
+    from genrec.deploy.requests import RankRequest, RequestError, check_rank, parse
+
+    direct = {"kind": "direct", "num_buckets": 100, "seeds": []}
+    hashed = {"kind": "hashed", "num_buckets": 100, "seeds": [7]}
+    req = parse(RankRequest, b'{"history": [1, 99], "candidates": [5, 100, 250]}')
+    with pytest.raises(RequestError, match=r"^candidates\[1\]: item id 100 has no row"):
+        check_rank(req, DeployConfig(), 8, direct)
+    check_rank(req, DeployConfig(), 8, hashed)
+    req = parse(RankRequest, b'{"history": [1, 400], "candidates": [5, 100]}')
+    with pytest.raises(RequestError, match=r"^history\[1\]: item id 400"):
+        check_rank(req, DeployConfig(), 8, direct)
