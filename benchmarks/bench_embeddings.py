@@ -1,8 +1,9 @@
 """Embedding lookups/s (forward + backward with the fused optimizer) per sharding strategy.
 
 Spawns `--world` gloo ranks on 127.0.0.1; each rank shards one table (hashed, or with
-`--kind direct` one row per id, the ids drawn in [0, rows)) with each strategy (DMP + genrec's plan) and times forward+backward on random raw ids. data_parallel
-replicates the table (DDP all-reduces its dense [rows, dim] gradient every step) and steps
+`--kind direct` one row per id, the ids drawn in [0, rows)) with each strategy (DMP +
+genrec's plan) and times forward+backward on random raw ids. data_parallel replicates the
+table (DDP all-reduces its dense [rows, dim] gradient every step) and steps
 AdamW on it, as the trainer does: only cheap for small tables. Rank 0 also
 times an unsharded torch.nn.EmbeddingBag (one id per bag, sum) on the same ids as a floor.
 Prints one JSON line: lookups/s summed over ranks per strategy, and the baseline.
