@@ -1,5 +1,7 @@
 # The two commands of the README. Both set up .venv from requirements.lock first; the
-# stamp is keyed on the lock's hash, so a second call installs nothing.
+# stamp is keyed on the lock's hash, so a second call installs nothing. The lock is the
+# exact CPU set, installed with --no-deps (its header says why: TorchRec's metadata names
+# the CUDA fbgemm-gpu), then checked: installed == lock, `pip check` clean but that line.
 PY      ?= python3
 VENV    := .venv
 LOCK    := requirements.lock
@@ -15,7 +17,8 @@ $(STAMP): $(LOCK) pyproject.toml
 	rm -rf $(VENV)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps -r $(LOCK)
-	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e '.[serve,dev]'
+	$(BIN)/python .ci/check_lock.py --lock $(LOCK)
 	touch $@
 
 run: setup

@@ -102,7 +102,7 @@ def run(work: Path, args: argparse.Namespace, ranks: int, launcher: str) -> dict
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=str(ROOT / "configs" / "quickstart.yaml"))
+    p.add_argument("--config", default=str(ROOT / "genrec" / "configs" / "quickstart.yaml"))
     p.add_argument("--ranks", default="1,2", help="comma-separated rank counts")
     p.add_argument("--max-steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=64, help="sequences per rank per step")

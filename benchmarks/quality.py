@@ -58,7 +58,7 @@ def run_once(args, seed: int, work: Path) -> dict:
         overrides += [f"model.max_len={args.max_len}", f"data.max_len={args.max_len}"]
     if args.epochs:
         overrides.append(f"trainer.epochs={args.epochs}")
-    cfg = load_config(ROOT / "configs" / cfg_name, overrides)
+    cfg = load_config(ROOT / "genrec" / "configs" / cfg_name, overrides)
     t0 = time.time()
     summary_path = Path(cfg.trainer.run_dir) / "summary.json"
     if args.reuse and summary_path.exists():
@@ -172,7 +172,8 @@ def main() -> None:
     p.add_argument(
         "--config",
         default="",
-        help="a file in configs/ instead of the dataset's own (e.g. amazon_toys_sasrec.yaml)",
+        help="a file in genrec/configs/ instead of the dataset's own "
+        "(e.g. amazon_toys_sasrec.yaml)",
     )
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument(

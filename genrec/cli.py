@@ -1,25 +1,40 @@
 """`genrec` command line: one verb per phase of the flow.
 
-    genrec generate | prepare | plan | train | evaluate | export | serve | plot | quickstart
+    genrec generate | prepare | plan | train | evaluate | export | serve | predict | plot
+    genrec quickstart
     genrec config show CONFIG [a.b=c ...]
-    genrec env
+    genrec env | --version
 
 Each verb parses its arguments here and calls one function of the package that owns the
-phase; heavy imports (torch, ray) happen only inside the verb that needs them.
+phase; heavy imports (torch, ray) happen only inside the verb that needs them. CONFIG is a
+YAML path or the name of a shipped config (`genrec train tecd`).
+
+Expected failures (a missing file or checkpoint, a bad config, bad data, a port in use)
+print one line, `genrec: error: PROBLEM. Fix: ...`, and exit 2; `--debug` (anywhere on
+the command line) shows the traceback instead. Anything else is a bug and raises.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import platform
+import socket
 import sys
 
+from genrec import __version__
 from genrec.config import ConfigError, dump_config, load_config
+
+EXIT_EXPECTED = 2  # what argparse uses for usage errors
+
+
+class CliError(Exception):
+    """An expected failure found by the CLI itself: the message names problem and fix."""
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML config file (configs/*.yaml)")
+    p.add_argument("config", help="YAML config file, or a shipped config's name (tecd, ...)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.batch_size=64")
 
 
@@ -147,10 +162,56 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_address(args: argparse.Namespace) -> tuple[str, int]:
+    """host, port: the flags, else the config's deploy section (--config CONFIG with
+    overrides, else the config the artifact was exported with)."""
+    if args.config:
+        deploy = load_config(args.config, args.overrides).deploy
+    else:
+        from genrec.config import apply_overrides, from_dict
+        from genrec.deploy.artifact import read_manifest
+
+        stored = read_manifest(args.artifact, verify=False)["config"]
+        deploy = from_dict(apply_overrides(stored, args.overrides)).deploy
+    return (args.host or deploy.host, args.port if args.port is not None else deploy.port)
+
+
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise
+            raise CliError(
+                f"port {port} on {host} is in use. Fix: stop what listens there, or pass "
+                f"--port N (or set deploy.port)"
+            ) from None
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
+    host, port = serve_address(args)
+    check_port_free(host, port)
     from genrec.deploy.serve import serve
 
-    serve(args.artifact, host=args.host, port=args.port, blocking=True)
+    serve(args.artifact, host=host, port=port, blocking=True)
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from genrec.deploy.predict import predict
+
+    cfg = load_config(args.config, args.overrides)
+    report = predict(
+        cfg,
+        checkpoint=args.checkpoint,
+        users=args.users,
+        out=args.out,
+        k=args.k,
+        batch_size=args.batch_size,
+        workers=args.workers,
+    )
+    print(report.summary())
     return 0
 
 
@@ -165,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="genrec",
         description="Train HSTU generative recommenders on TorchRec-sharded tables, "
         "streamed from Parquet by Ray, and serve them.",
+    )
+    parser.add_argument("--version", action="version", version=f"genrec {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show tracebacks of expected errors too"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -234,9 +299,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="HTTP endpoint over an exported artifact")
     p.add_argument("artifact")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. deploy.port=9000")
+    p.add_argument(
+        "--config", default="", help="take deploy.* from this config (default: the artifact's)"
+    )
+    p.add_argument("--host", default=None, help="default: the config's deploy.host")
+    p.add_argument("--port", type=int, default=None, help="default: the config's deploy.port")
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser(
+        "predict", help="Ray Data batch job: top-k recommendations for users -> Parquet"
+    )
+    _add_config_args(p)
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="an exported artifact, a checkpoint, or a run directory (its latest checkpoint)",
+    )
+    p.add_argument(
+        "--users",
+        required=True,
+        help="Parquet with user_id (and optionally history: list<int64>); users without a "
+        "history column get their latest prepared window from data.prepared_dir",
+    )
+    p.add_argument("--out", required=True, help="output Parquet: user_id, item_ids, scores")
+    p.add_argument("--k", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=256, help="users per model call")
+    p.add_argument("--workers", type=int, default=1, help="Ray actors, one model each")
+    p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("quickstart", help="generate, prepare, train on 2 ranks, evaluate, plot")
     p.add_argument("--workdir", default="runs/quickstart")
@@ -245,13 +335,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def expected_error(e: BaseException) -> str | None:
+    """The one-line message of an expected failure, or None for a bug (which raises)."""
+    e = getattr(e, "cause", None) or e  # a Ray task's error carries the original as .cause
+    if isinstance(e, ConfigError):
+        return f"config: {e}. Fix: correct the file or the override (genrec config show CONFIG)"
+    if isinstance(e, CliError):
+        return str(e)
+    for module, name in (
+        ("genrec.data_pipeline.validation", "DataError"),
+        ("genrec.deploy.artifact", "ArtifactError"),
+        ("genrec.deploy.predict", "PredictError"),
+    ):
+        cls = getattr(sys.modules.get(module), name, None)  # loaded if it was raised
+        if cls is not None and isinstance(e, cls):
+            return str(e)
+    if isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+        if e.filename is None:  # raised by genrec with its own message and fix
+            return str(e)
+        return f"{e.filename}: {e.strerror}. Fix: check the path"
+    if isinstance(e, PermissionError):
+        return f"{e.filename}: permission denied. Fix: choose a path you can write"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
     try:
         return int(args.func(args) or 0)
-    except ConfigError as e:
-        print(f"genrec: config error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        message = expected_error(e)
+        if message is None or debug:
+            raise
+        print(f"genrec: error: {message}", file=sys.stderr)  # one line; --debug: traceback
+        return EXIT_EXPECTED
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Typed experiment config: a dataclass tree loaded from YAML, overridable by dotted args.
 
-    cfg = load_config("configs/quickstart.yaml", ["trainer.batch_size=64"])
+    cfg = load_config("quickstart", ["trainer.batch_size=64"])   # or a path to a YAML file
 
 Unknown keys and values of the wrong type fail with a `ConfigError` that names the dotted
 key and the expected type. The tree is plain data: nothing here imports torch or ray.
@@ -26,10 +26,38 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class ParquetColumnsConfig:
+    """`data.source: parquet`: your own event log, one row per event, any column names.
+
+    Files are `data.raw_dir`/`files` (a glob). Every column below names a column of the
+    files; rows go through the same validation as the built-in sources (nulls, negative
+    ids, unknown actions: an error naming file, column and row, or skipped and counted).
+    """
+
+    files: str = "*.parquet"  # glob under data.raw_dir ("**/*.parquet" for nested folders)
+    user: str = "user_id"  # integer user id column
+    item: str = "item_id"  # integer item id column
+    # time column: a Parquet timestamp, or integers in `timestamp_unit`; empty: row order is
+    # time (files in path order, rows in file order; every event lands in window 0)
+    timestamp: str = ""
+    timestamp_unit: Literal["s", "ms", "us", "ns"] = "s"
+    # action column (empty: every event is `default_action`), its values mapped onto
+    # genrec's actions (view, click, cart, order, like, share, skip, other); a value
+    # missing from the map is a bad row
+    action: str = ""
+    action_values: dict[str, str] = field(default_factory=dict)
+    default_action: str = "view"
+    # context features carried into sequences: genrec context name -> your column
+    # (domain, surface, category, brand, author, price, watch_time)
+    context: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class DataConfig:
     """Where events come from and how they become sequence shards and batches."""
 
-    source: Literal["tecd", "vk_lsvd", "yambda", "text", "recbole"] = "tecd"
+    source: Literal["tecd", "vk_lsvd", "yambda", "text", "recbole", "parquet"] = "tecd"
+    parquet: ParquetColumnsConfig = field(default_factory=ParquetColumnsConfig)
     raw_dir: str = "data/raw"  # the source's own layout (genrec generate writes here)
     prepared_dir: str = "data/prepared"  # sequence shards, window=NNNNN/part-*.parquet
     window: str = "day"  # day | week | a number of seconds
@@ -323,6 +351,27 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def check_parquet_columns(cols: ParquetColumnsConfig) -> None:
+    """Cross-field checks of `data.parquet` (names against genrec's actions and contexts)."""
+    from genrec.data_pipeline.schemas import ACTIONS, CONTEXT_FIELDS
+
+    if not cols.user or not cols.item:
+        raise ConfigError("data.parquet.user and data.parquet.item must name columns")
+    for key, name in [("default_action", cols.default_action)] + [
+        (f"action_values.{v}", a) for v, a in cols.action_values.items()
+    ]:
+        if name not in ACTIONS:
+            raise ConfigError(f"data.parquet.{key}: {name!r} is not one of {list(ACTIONS)}")
+    if cols.action_values and not cols.action:
+        raise ConfigError("data.parquet.action_values is set but data.parquet.action is empty")
+    for name in cols.context:
+        if name not in CONTEXT_FIELDS:
+            raise ConfigError(
+                f"data.parquet.context.{name}: not a context feature; one of "
+                f"{list(CONTEXT_FIELDS)}"
+            )
+
+
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -366,12 +415,34 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"  # package data
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs inside the package (`genrec train tecd`)."""
+    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
+
+
+def resolve_config(name_or_path: str | Path) -> Path:
+    """A config file: an existing path, else a shipped config's name (`tecd`, `tecd.yaml`)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    if p.parent == Path("."):  # a bare name: look among the package's configs
+        shipped = SHIPPED_CONFIGS / (p.name if p.suffix == ".yaml" else f"{p.name}.yaml")
+        if shipped.is_file():
+            return shipped
+    raise ConfigError(
+        f"config file {str(p)!r} does not exist; give a path to a YAML file or the name of a "
+        f"shipped config ({', '.join(shipped_configs())})"
+    )
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """`path`: a YAML file or a shipped config's name (see `resolve_config`)."""
     data: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
+        p = resolve_config(path)
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
@@ -380,7 +451,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
     data = apply_overrides(data, list(overrides or []))
     try:
-        return from_dict(data)
+        cfg = from_dict(data)
+        if cfg.data.source == "parquet":
+            check_parquet_columns(cfg.data.parquet)
+        return cfg
     except ConfigError as e:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{e}") from None

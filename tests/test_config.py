@@ -7,7 +7,7 @@ from genrec.config import ConfigError, load_config
 
 from .conftest import ROOT
 
-QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+QUICKSTART = ROOT / "genrec" / "configs" / "quickstart.yaml"
 
 
 def test_overrides_apply_with_types():
@@ -20,9 +20,12 @@ def test_overrides_apply_with_types():
     assert cfg.table("item").num_embeddings == 16384
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+SHIPPED = sorted((ROOT / "genrec" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
-    """Each config in configs/ parses into the schema (no unknown keys, right types), and
+    """Each config in genrec/configs/ parses into the schema (no unknown keys, right types), and
     a SASRec config pairs with its data set's HSTU config (same data, its own run dir)."""
     cfg = load_config(path)
     assert cfg.trainer.run_dir and cfg.data.prepared_dir

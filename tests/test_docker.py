@@ -141,13 +141,20 @@ def test_every_pin_matches_requirements_lock(dockerfile):
     # the lock itself is installed, minus exactly the two packages the CUDA builds replace
     assert ("COPY", "requirements.lock ./requirements.lock") in [(i, a) for i, a, _ in dockerfile]
     install = next(c for c in runs if "requirements.lock" in c and "pip install" in c)
-    m = re.search(r"grep -v -E '([^']+)' requirements\.lock > (\S+)", install)
-    assert m and f"pip install --no-deps -r {m.group(2)}" in install
+    m = re.search(
+        r"sed '/\^([^/]+)/,\$d' requirements\.lock \| grep -v -E '([^']+)' > (\S+)", install
+    )
+    assert m and f"pip install --no-deps -r {m.group(3)}" in install
     raw = (ROOT / "requirements.lock").read_text().splitlines()
-    kept = [line for line in raw if line.strip() and not re.search(m.group(1), line)]
-    dropped = sorted(set(line for line in raw if line.strip()) - set(kept))
+    # sed: from the first line starting with the dev section's header on, dropped
+    runtime = raw[: next(i for i, line in enumerate(raw) if line.startswith(m.group(1)))]
+    pins = [line for line in runtime if line.strip() and not line.startswith("#")]
+    kept = [line for line in pins if not re.search(m.group(2), line)]
+    dropped = sorted(set(pins) - set(kept))
     assert dropped == [f"fbgemm_gpu-cpu=={lock['fbgemm-gpu-cpu']}", f"torch=={lock['torch']}"]
-    assert {"torchrec", "triton", "ray"} <= {k.split("==")[0] for k in kept}
+    names = {k.split("==")[0] for k in kept}
+    assert {"torchrec", "ray", "pyarrow", "fastapi"} <= names
+    assert not {"pytest", "ruff"} & names, "test and lint tools must not go into the image"
 
 
 def test_entrypoint_is_the_genrec_cli_and_copies_exist(dockerfile):
@@ -155,13 +162,21 @@ def test_entrypoint_is_the_genrec_cli_and_copies_exist(dockerfile):
     assert len(entry) == 1 and json.loads(entry[0]) == ["genrec"]
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert re.search(r'^genrec = "genrec\.cli:main"$', pyproject, re.M)
-    assert any("pip install --no-deps --no-build-isolation ." in a for i, a, _ in dockerfile)
+    runs = [a for i, a, _ in dockerfile if i == "RUN"]
+    install = next(a for a in runs if "pip install --no-deps --no-build-isolation ." in a)
+    # configs are package data: found by name from outside the sources, as from a wheel
+    cmds = shell_commands(install)
+    after_cd = cmds[[c[0] for c in cmds].index("cd") :]
+    assert after_cd[0] == ["cd", "/"] and ["genrec", "config", "show", "quickstart", ">"] in [
+        c[:5] for c in after_cd
+    ]
+    assert not (ROOT / "configs").exists(), "configs live in genrec/configs (package data)"
     ignore = (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()
     for instr, args, line in dockerfile:
         if instr == "COPY":
-            src = args.split()[0]
-            assert (ROOT / src).exists(), f"Dockerfile line {line}: COPY source {src} missing"
-            assert f"!{src}" in ignore, f"{src} is excluded from the build context"
+            for src in args.split()[:-1]:
+                assert (ROOT / src).exists(), f"Dockerfile line {line}: COPY source {src} missing"
+                assert f"!{src}" in ignore, f"{src} is excluded from the build context"
 
 
 def _train_args(command: list[str]):
@@ -190,12 +205,13 @@ def launch_commands() -> list[list[str]]:
 
 def test_launch_commands_name_configs_that_exist():
     from genrec.cli import build_parser
+    from genrec.config import resolve_config
 
     cmds = launch_commands()
     assert len(cmds) == 4  # rayjob, docker run (local), torchrun, ray job submit
     for words in cmds:
         args = build_parser().parse_args(words[1:])
-        assert (ROOT / args.config).is_file(), f"{' '.join(words)}: {args.config} is missing"
+        assert resolve_config(args.config).is_file(), f"{' '.join(words)}: no {args.config}"
 
 
 def test_rayjob_runs_genrec_train_on_as_many_gpus_as_ranks():

@@ -51,7 +51,8 @@ class DataError(ValueError):
         msg = f"{where}: {problem}"
         if fix:
             msg += f". Fix: {fix}"
-        msg += " (or pass on_bad_rows='skip' / --on-bad-rows skip to skip and count such input)"
+        if reason:  # a counted kind of bad input (BadRows); a missing directory is not skippable
+            msg += " (or pass on_bad_rows='skip' / --on-bad-rows skip to skip and count such input)"
         super().__init__(msg)
         self.path, self.column, self.row, self.reason = path, column, row, reason
         self._args = (path, problem, column, row, fix, reason)
@@ -127,6 +128,7 @@ _KIND_CHECKS = {
         or (pa.types.is_dictionary(t) and pa.types.is_string(t.value_type))
     ),
     "time": lambda t: pa.types.is_timestamp(t) or pa.types.is_integer(t),
+    "str_or_int": lambda t: _KIND_CHECKS["str"](t) or pa.types.is_integer(t),  # labels
 }
 
 

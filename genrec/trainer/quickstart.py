@@ -17,7 +17,7 @@ from pathlib import Path
 
 from genrec.config import load_config
 
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+CONFIG = "quickstart"  # shipped with the package (genrec/configs/quickstart.yaml)
 
 
 def _table(history: list[dict]) -> str:

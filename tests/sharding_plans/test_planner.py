@@ -151,7 +151,7 @@ def test_sharders_carry_the_fused_optimizer():
 
 
 def test_tecd_auto_plan_for_64_gpus_on_meta(capsys, tmp_path):
-    cfg = load_config(ROOT / "configs" / "tecd.yaml")
+    cfg = load_config(ROOT / "genrec" / "configs" / "tecd.yaml")
     assert plan_command(cfg, save=str(tmp_path / "tecd.json")) == 0
     out = capsys.readouterr().out
     kinds = dict(re.findall(r"^  (\w+) +(\w+) +kernel=", out, flags=re.M))

@@ -23,7 +23,7 @@ TINY_MODEL = [
 def tiny_config(prepared_dir: Path, run_dir: Path, *extra: str) -> Config:
     """The quickstart config shrunk for tests, reading `prepared_dir`, writing `run_dir`."""
     return load_config(
-        ROOT / "configs" / "quickstart.yaml",
+        ROOT / "genrec" / "configs" / "quickstart.yaml",
         [f"data.prepared_dir={prepared_dir}", f"trainer.run_dir={run_dir}", *TINY_MODEL, *extra],
     )
 

@@ -90,7 +90,7 @@ def toys_prepared(tmp_path_factory, shared_data, ray_local):
 
 def _train(prepared: Path, run_dir: Path, *overrides: str) -> list[dict]:
     cfg = load_config(
-        ROOT / "configs" / "amazon_toys.yaml",
+        ROOT / "genrec" / "configs" / "amazon_toys.yaml",
         [f"data.prepared_dir={prepared}", f"trainer.run_dir={run_dir}", *overrides],
     )
     train(cfg, resume=False)
@@ -150,7 +150,7 @@ def _evaluate(prepared: Path, run_dir: Path, split: str, *overrides: str) -> dic
     r = subprocess.run(
         [
             sys.executable, "-m", "genrec.cli", "evaluate",
-            str(ROOT / "configs" / "amazon_toys.yaml"),
+            str(ROOT / "genrec" / "configs" / "amazon_toys.yaml"),
             f"data.prepared_dir={prepared}", f"trainer.run_dir={run_dir}", *overrides,
             "--split", split,
         ],

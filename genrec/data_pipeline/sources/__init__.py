@@ -22,6 +22,9 @@ from genrec.data_pipeline.sources.base import (
     Fragment,
     ParquetSource,
 )
+from genrec.data_pipeline.sources.parquet import NAME as PARQUET
+from genrec.data_pipeline.sources.parquet import PREFIX as PARQUET_PREFIX
+from genrec.data_pipeline.sources.parquet import parquet_source, source_spec
 from genrec.data_pipeline.sources.recbole import RECBOLE
 from genrec.data_pipeline.sources.tecd import DOMAINS as TECD_DOMAINS
 from genrec.data_pipeline.sources.tecd import TECD
@@ -34,8 +37,11 @@ SOURCES = {s.name: s for s in (TECD, VK_LSVD, YAMBDA, TEXT, RECBOLE)}
 
 
 def get_source(name: str):
+    """A source by name; `parquet` / `parquet:{mapping}` is built from its column mapping."""
+    if name == PARQUET or name.startswith(PARQUET_PREFIX):
+        return parquet_source(name)
     if name not in SOURCES:
-        raise ValueError(f"unknown source {name!r}; known: {sorted(SOURCES)}")
+        raise ValueError(f"unknown source {name!r}; known: {sorted(SOURCES)} and {PARQUET!r}")
     return SOURCES[name]
 
 
@@ -59,4 +65,5 @@ __all__ = [
     "ParquetSource",
     "get_source",
     "iter_events",
+    "source_spec",
 ]

@@ -81,7 +81,7 @@ class FileKind:
     constant_action: str = "view"  # when neither action nor action_fn is given
     context: dict[str, ContextSpec] = field(default_factory=dict)  # canonical -> spec
     domain: int = 0  # item namespace (only used when the source namespaces items)
-    window_pattern: str = ""  # row-ordered kinds: regex whose group 1 is the window number
+    window_pattern: str = ""  # row-ordered kinds: regex whose group 1 is the window ("": 0)
 
 
 @dataclass
@@ -134,7 +134,7 @@ class ParquetSource:
             ):
                 continue
             window = 0
-            if kind.time is None:
+            if kind.time is None and kind.window_pattern:  # no pattern: all in window 0
                 m = re.search(kind.window_pattern, os.path.basename(path))
                 if not m:
                     raise DataError(
