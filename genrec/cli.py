@@ -80,11 +80,25 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def prepare_source(args: argparse.Namespace) -> str:
+    """The source name prepare takes; `parquet` carries its column mapping from --config."""
+    if args.source != "parquet":
+        return args.source
+    if not args.config:
+        raise CliError(
+            "--source parquet needs its column mapping. Fix: pass --config CONFIG whose "
+            "data.parquet names your columns (README: Your own data)"
+        )
+    from genrec.data_pipeline.sources import source_spec
+
+    return source_spec(load_config(args.config).data.parquet)
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from genrec.data_pipeline.sequences import prepare
 
     report = prepare(
-        source=args.source,
+        source=prepare_source(args),
         in_dir=args.in_dir,
         out_dir=args.out,
         window=args.window,
@@ -253,8 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="Ray job: events -> per-user sequence shards by window")
     p.add_argument(
-        "--source", required=True, choices=["tecd", "vk_lsvd", "yambda", "text", "recbole"]
+        "--source",
+        required=True,
+        choices=["tecd", "vk_lsvd", "yambda", "text", "recbole", "parquet"],
     )
+    p.add_argument("--config", default="", help="--source parquet: its data.parquet mapping")
     p.add_argument("--in", dest="in_dir", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--window", default="day", help="day | week | a number of seconds")
@@ -339,7 +356,8 @@ def expected_error(e: BaseException) -> str | None:
     """The one-line message of an expected failure, or None for a bug (which raises)."""
     e = getattr(e, "cause", None) or e  # a Ray task's error carries the original as .cause
     if isinstance(e, ConfigError):
-        return f"config: {e}. Fix: correct the file or the override (genrec config show CONFIG)"
+        fix = "" if "Fix:" in str(e) else ". Fix: correct that key in the file or the override"
+        return f"config: {e}{fix}"
     if isinstance(e, CliError):
         return str(e)
     for module, name in (
@@ -369,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         message = expected_error(e)
         if message is None or debug:
             raise
-        print(f"genrec: error: {message}", file=sys.stderr)  # one line; --debug: traceback
+        one_line = " ".join(message.split())  # --debug shows the traceback
+        print(f"genrec: error: {one_line}", file=sys.stderr)
         return EXIT_EXPECTED
 
 

@@ -366,10 +366,8 @@ def check_parquet_columns(cols: ParquetColumnsConfig) -> None:
         raise ConfigError("data.parquet.action_values is set but data.parquet.action is empty")
     for name in cols.context:
         if name not in CONTEXT_FIELDS:
-            raise ConfigError(
-                f"data.parquet.context.{name}: not a context feature; one of "
-                f"{list(CONTEXT_FIELDS)}"
-            )
+            known = list(CONTEXT_FIELDS)
+            raise ConfigError(f"data.parquet.context.{name}: not a context feature; one of {known}")
 
 
 def to_dict(cfg: Any) -> dict:
@@ -433,8 +431,8 @@ def resolve_config(name_or_path: str | Path) -> Path:
         if shipped.is_file():
             return shipped
     raise ConfigError(
-        f"config file {str(p)!r} does not exist; give a path to a YAML file or the name of a "
-        f"shipped config ({', '.join(shipped_configs())})"
+        f"config file {str(p)!r} does not exist. Fix: give a path to a YAML file or the name "
+        f"of a shipped config ({', '.join(shipped_configs())})"
     )
 
 
@@ -446,7 +444,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or str(e)
+            raise ConfigError(f"{p}: not valid YAML{where}: {problem}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
     data = apply_overrides(data, list(overrides or []))
