@@ -22,6 +22,7 @@ import os
 import platform
 import socket
 import sys
+from pathlib import Path
 
 from genrec import __version__
 from genrec.config import ConfigError, dump_config, load_config
@@ -117,6 +118,19 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return plan_command(cfg, save=args.save)
 
 
+def check_prepared(cfg) -> None:
+    """Fail here, in one line, rather than inside every spawned rank: the prepared data
+    must exist. Skipped for a Ray cluster's workers, whose storage this host may not see."""
+    if cfg.trainer.launcher == "ray" and cfg.data.ray_address:
+        return
+    catalog = Path(cfg.data.prepared_dir) / "items.parquet"
+    if not catalog.is_file():
+        raise CliError(
+            f"{cfg.data.prepared_dir}: no prepared data ({catalog.name} missing). Fix: run "
+            f"genrec prepare --out {cfg.data.prepared_dir}, or set data.prepared_dir"
+        )
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from genrec.trainer.launch import train
 
@@ -125,6 +139,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg.trainer.launcher = args.launcher
     if args.ray_address:
         cfg.data.ray_address = args.ray_address
+    check_prepared(cfg)
     train(cfg, resume=not args.no_resume)
     return 0
 

@@ -84,6 +84,11 @@ def test_bad_data_names_file_column_and_row(capsys, tmp_path, ray_local):
           "Fix: drop or repair these rows", "--on-bad-rows skip")  # fmt: skip
 
 
+def test_missing_prepared_data_fails_before_launching_ranks(capsys, tmp_path):
+    fails(capsys, ["train", "quickstart", f"data.prepared_dir={tmp_path / 'none'}"],
+          "none: no prepared data (items.parquet missing)", "Fix: run genrec prepare")  # fmt: skip
+
+
 def test_missing_checkpoint(capsys, tmp_path):
     fails(capsys, ["export", str(tmp_path / "nockpt"), "--out", str(tmp_path / "a")],
           "nockpt is not a genrec checkpoint", "pass a RUN/checkpoints/step-")  # fmt: skip
