@@ -25,11 +25,11 @@ run: setup
 	$(BIN)/genrec quickstart
 
 test: setup
-	$(BIN)/ruff check genrec tests benchmarks
+	$(BIN)/ruff check genrec tests benchmarks .ci
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 lint: setup
-	$(BIN)/ruff check genrec tests benchmarks
+	$(BIN)/ruff check genrec tests benchmarks .ci
 
 bench: setup
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
