@@ -207,6 +207,7 @@ def serve_address(args: argparse.Namespace) -> tuple[str, int]:
 
 def check_port_free(host: str, port: int) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is free
         try:
             s.bind((host, port))
         except OSError as e:

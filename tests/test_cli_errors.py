@@ -104,6 +104,8 @@ def test_missing_checkpoint(capsys, tmp_path):
         str(tmp_path / "r.parquet"),
     ]
     fails(capsys, argv, "nockpt: checkpoint not found", "--checkpoint")  # fmt: skip
+    fails(capsys, ["serve", str(tmp_path / "noart")], "noart is not a genrec artifact",
+          "run genrec export")  # fmt: skip
     argv[argv.index("--checkpoint") + 1] = str(tmp_path)  # exists: the users file is next
     argv[argv.index("--users") + 1] = str(tmp_path / "nousers.parquet")
     fails(capsys, argv, "nousers.parquet: users file not found", "Fix: pass --users")

@@ -11,6 +11,7 @@ locked set), `genrec --version`, and `genrec config show quickstart` (package da
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -29,10 +30,10 @@ import genrec
 
 from .conftest import ROOT
 
-sys.path.insert(0, str(ROOT / ".ci"))
-from check_lock import ALLOWED_PIP_CHECK, read_lock  # noqa: E402
-
-sys.path.pop(0)
+_spec = importlib.util.spec_from_file_location("check_lock", ROOT / ".ci" / "check_lock.py")
+check_lock = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(check_lock)
+ALLOWED_PIP_CHECK, read_lock = check_lock.ALLOWED_PIP_CHECK, check_lock.read_lock
 
 
 def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
