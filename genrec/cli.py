@@ -96,6 +96,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg.trainer.launcher = args.launcher
     if args.ray_address:
         cfg.data.ray_address = args.ray_address
+    if args.init_from:
+        cfg.trainer.init_from = args.init_from
     train(cfg, resume=not args.no_resume)
     return 0
 
@@ -111,21 +113,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate(cfg, args.checkpoint or None, args.split, args.out or None)
     if not result:  # a torchrun rank other than 0
         return 0
-    if "windows" in result:
-        from genrec.trainer.loop import format_row
+    from genrec.trainer.evaluate import describe_result
 
-        for row in result["windows"]:
-            print(format_row(row), file=sys.stderr)
-    else:
-        s = args.split
-        print(
-            f"{s}: {int(result[f'{s}/users'])} users  "
-            + "  ".join(
-                f"{m} {result[f'{s}/{m}']:.4f} (pop {result[f'{s}/most_popular/{m}']:.4f})"
-                for m in ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
-            ),
-            file=sys.stderr,
-        )
+    for line in describe_result(result):
+        print(line, file=sys.stderr)
     print(f"checkpoint {result['checkpoint']} (step {result['step']})", file=sys.stderr)
     print(json.dumps(result))
     return 0
@@ -208,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", choices=["local", "torchrun", "ray"], default=None)
     p.add_argument("--ray-address", default="")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in run_dir")
+    p.add_argument(
+        "--init-from", default="", help="warm start from this checkpoint's model weights"
+    )
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(

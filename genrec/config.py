@@ -217,6 +217,9 @@ class TrainerConfig:
     # replicated table's dense gradient is reallocated every step and page-faulted afresh
     # otherwise (half the CPU time of the SASRec Sports recipe). Costs the peak heap staying mapped
     reuse_freed_host_memory: bool = True
+    # warm start: a checkpoint directory whose model weights this run starts from (optimizer,
+    # step and stream position start fresh; ignored when resuming this run's own checkpoint)
+    init_from: str = ""
 
 
 @dataclass

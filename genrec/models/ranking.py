@@ -132,14 +132,8 @@ class HSTURanking(nn.Module):
             logits = logits + 0.0 * h.sum()
         return logits, cand, rows
 
-    def forward(
-        self,
-        batch: Batch,
-        negatives: torch.Tensor | None = None,
-        neg_log_q: torch.Tensor | None = None,
-    ) -> RankingOutput:
-        """Multi-task loss over all candidates; negatives/neg_log_q are ignored (same call
-        signature as retrieval so the trainer treats both alike)."""
+    def forward(self, batch: Batch) -> RankingOutput:
+        """Multi-task loss over all candidates (the batch's target events)."""
         logits, cand, _ = self.predict(batch)
         labels = self.labels(batch, cand)
         if cand.numel() == 0:
