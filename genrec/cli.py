@@ -133,7 +133,14 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from genrec.deploy.export import export
 
-    manifest = export(args.checkpoint, args.out, compile_aot=not args.no_aot)
+    weights = {t: float(w) for t, w in (x.split("=") for x in args.rerank_weights.split(",") if x)}
+    manifest = export(
+        args.checkpoint,
+        args.out,
+        compile_aot=not args.no_aot,
+        ranker=args.ranker or None,
+        rerank_weights=weights or None,
+    )
     print(f"artifact written to {args.out} ({len(manifest['files'])} files)")
     return 0
 
@@ -224,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True)
     p.add_argument("--no-aot", action="store_true", help="skip AOTInductor compilation")
+    p.add_argument("--ranker", default="", help="a ranking checkpoint to pair (rerank: N)")
+    p.add_argument("--rerank-weights", default="", help="task=weight,... (default: 1st task)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("serve", help="HTTP endpoint over an exported artifact")

@@ -12,6 +12,19 @@ purchase funnel implied: "click" is any of click/cart/order, "cart" is cart or o
 ranking.regression_tasks, e.g. watch_time) reads its target from the batch feature of the
 same name (values cast to float) and trains with MSE; the others with BCE. Task losses are
 summed with ranking.task_weights (default all 1).
+
+Positives and negatives per source (the action codes the sources write; a negative is an
+event the user was shown and did not act on in the task's way, never a sampled item):
+  T-ECD      tasks click / cart / order from action_type; the funnel above, so a view is a
+             negative of all three and a click a negative of cart and order;
+  Yambda     tasks view (a listen of >= 30 % of the track), like, skip (a dislike or a
+             listen under 30 %); a listen is a negative of like, a like of skip, etc.;
+  VK-LSVD    like (like or bookmark), share, click (author click or comments), skip
+             (dislike), and watch_time (regression on the `watch_time` context column):
+             every shown video without the flag is its negative;
+  MovieLens  like = rating >= 4; a rating below 4 (action view) is the negative.
+In stream mode a window's events are the candidates and earlier windows the history; in
+epochs mode each epoch cuts every training sequence at a random point (trainer/epochs.py).
 """
 
 from __future__ import annotations

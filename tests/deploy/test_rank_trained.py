@@ -1,0 +1,202 @@
+"""A ranker the TRAINER wrote (2 gloo ranks, row-wise item table, synthetic T-ECD, a few
+stream steps) exports, and the artifact's scores equal the eager model's on the same inputs;
+bad candidates are refused naming the field. (HTTP /rank == offline: test_serve.py.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+import torch
+
+from genrec.data_pipeline.batch import make_batch
+from genrec.deploy.artifact import Artifact
+from tests.trainer.helpers import make_prepared, tiny_config
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def trained_ranker(tmp_path_factory, ray_local) -> tuple[Path, Path]:
+    """(prepared base dir, the trainer's last checkpoint, its artifact without AOT)."""
+    from genrec.deploy.export import export
+    from genrec.trainer.checkpoint import latest_checkpoint
+    from genrec.trainer.launch import train
+
+    base = make_prepared(
+        tmp_path_factory.mktemp("ranker"), users=200, events=16_000, items=400, seed=5
+    )
+    cfg = tiny_config(
+        base / "prepared",
+        base / "run",
+        "model.task=ranking",
+        "trainer.batch_size=16",
+        "trainer.max_steps=6",
+        "trainer.eval_batches=1",
+        "embeddings.tables=[{name: item, num_embeddings: 4096, dim: 32, features: [item_id]}]",
+    )
+    train(cfg, resume=False)
+    path = latest_checkpoint(base / "run")
+    export(str(path), str(base / "artifact"), compile_aot=False)
+    return base, path
+
+
+def _requests(base: Path, n: int = 6, n_cand: int = 3, max_history: int = 16) -> list[dict]:
+    """Real prepared rows: the last `n_cand` events are the candidates, up to `max_history`
+    events before them the history (history + candidates within model.max_len = 20, so
+    serving's history cut and the eager model see the same events)."""
+    last = sorted((base / "prepared").glob("window=*"))[-1]
+    rows = pads.dataset(str(last), format="parquet").to_table().to_pylist()
+    rows = [r for r in rows if len(r["item_ids"]) > n_cand + 1][:n]
+    assert len(rows) == n
+    return [
+        {
+            "history": r["item_ids"][-n_cand - max_history : -n_cand],
+            "timestamps": r["timestamps"][-n_cand - max_history : -n_cand],
+            "actions": r["actions"][-n_cand - max_history : -n_cand],
+            "candidates": r["item_ids"][-n_cand:],
+        }
+        for r in rows
+    ]
+
+
+def test_trained_ranker_artifact_equals_eager(trained_ranker):
+    from genrec.deploy.export import load_checkpoint_model
+
+    base, path = trained_ranker
+    model, cfg, state = load_checkpoint_model(path)
+    assert state["world_size"] == 2 and state["step"] == 6
+    art = Artifact(base / "artifact")
+    assert art.task == "ranking" and art.tasks == list(cfg.model.ranking.tasks)
+    reqs = _requests(base)
+    got = art.rank(
+        [r["history"] for r in reqs],
+        [r["candidates"] for r in reqs],
+        [r["timestamps"] for r in reqs],
+        [r["actions"] for r in reqs],
+    )
+    probs = _eager_rank(model, reqs)
+    spread = 0.0
+    for b in range(len(reqs)):
+        mine = probs[b]
+        for j, task in enumerate(art.tasks):
+            assert np.abs(np.array(got[b][task]) - mine[:, j].numpy()).max() < TOL, (b, task)
+        spread = max(spread, float(mine.max() - mine.min()))
+    assert spread > 1e-3  # trained weights score candidates apart: the check has teeth
+
+
+def _eager_rank(model, reqs: list[dict]) -> list[torch.Tensor]:
+    """Per request [C, T] probabilities of the eager ranker: candidates appended as
+    targets, timestamped like serving (the last history time)."""
+    items, acts, ts, lens = [], [], [], []
+    for r in reqs:
+        c = list(r["candidates"])
+        items += list(r["history"]) + c
+        acts += list(r["actions"]) + [0] * len(c)
+        ts += list(r["timestamps"]) + [r["timestamps"][-1]] * len(c)
+        lens.append(len(r["history"]) + len(c))
+    n = len(reqs)
+    batch = make_batch(
+        np.array(items),
+        np.array(acts),
+        np.array(ts),
+        lens,
+        [len(r["candidates"]) for r in reqs],
+        np.arange(n),
+        np.zeros(n, np.int64),
+    )
+    with torch.no_grad():
+        logits, _, rows = model.predict(batch)
+    probs = torch.sigmoid(logits)
+    return [probs[rows == b] for b in range(n)]
+
+
+def test_recommend_rerank_equals_the_offline_cascade(trained_ranker):
+    """A retriever and the ranker, both trained by the trainer on the same data, exported
+    as one pair: `recommend(k=5, rerank=12)` returns the eager retriever's top 12 (history
+    excluded) ordered by the eager ranker's click + 2 * order probability, first 5."""
+    from genrec.deploy.export import export, load_checkpoint_model
+    from genrec.trainer.checkpoint import latest_checkpoint
+    from genrec.trainer.launch import train
+
+    base, ranker_path = trained_ranker
+    cfg = tiny_config(
+        base / "prepared",
+        base / "run-retrieval",
+        "trainer.batch_size=16",
+        "trainer.max_steps=6",
+        "trainer.eval_batches=1",
+        "model.retrieval.num_negatives=64",
+        "embeddings.tables=[{name: item, num_embeddings: 4096, dim: 32, features: [item_id]}]",
+    )
+    train(cfg, resume=False)
+    retr_path = latest_checkpoint(base / "run-retrieval")
+    weights = {"click": 1.0, "order": 2.0}
+    export(
+        str(retr_path), str(base / "pair"), compile_aot=False, ranker=str(ranker_path),
+        rerank_weights=weights,
+    )  # fmt: skip
+    art = Artifact(base / "pair")
+    assert art.reranker is not None and art.rerank_weights == weights
+    reqs = _requests(base, n=5, n_cand=1)
+    hists = [r["history"] for r in reqs]
+    ts, acts = [r["timestamps"] for r in reqs], [r["actions"] for r in reqs]
+    got = art.recommend(hists, 5, ts, acts, rerank=12)
+    plain = art.recommend(hists, 12, ts, acts)
+
+    retriever = load_checkpoint_model(retr_path)[0]
+    ranker = load_checkpoint_model(ranker_path)[0]
+    catalog = torch.as_tensor(np.sort(art.index.ids))
+    query = make_batch(
+        np.concatenate([np.append(h, 0) for h in hists]),
+        np.concatenate([np.append(a, 0) for a in acts]),
+        np.concatenate([np.append(t, t[-1]) for t in ts]),
+        [len(h) + 1 for h in hists],
+        [1] * len(hists),
+        np.arange(len(hists)),
+        np.zeros(len(hists), np.int64),
+    )
+    with torch.no_grad():
+        top, _, _ = retriever.top_k(query, catalog, 12, exclude_history=True)
+    cands = [{**r, "candidates": top[b].tolist()} for b, r in enumerate(reqs)]
+    probs = _eager_rank(ranker, cands)
+    reordered = 0
+    for b, r in enumerate(cands):
+        assert plain[b].ids.tolist() == r["candidates"], b  # the retrieval stage agrees
+        p = probs[b]
+        score = (
+            p[:, art.reranker.tasks.index("click")] + 2 * p[:, art.reranker.tasks.index("order")]
+        )
+        order = torch.argsort(-score.double(), stable=True)[:5]
+        assert got[b].ids.tolist() == [r["candidates"][i] for i in order.tolist()], b
+        np.testing.assert_allclose(got[b].scores, score[order].numpy(), atol=1e-5)
+        reordered += int(got[b].ids.tolist() != r["candidates"][:5])
+    assert reordered > 0  # the ranker changed some order: the check has teeth
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"history": [1, 2], "candidates": []}, "candidates"),
+        ({"history": [1, 2], "candidates": ["x"]}, "candidates[0]"),
+        ({"history": [1, 2], "candidates": [1] * 51}, "candidates"),
+        ({"history": [1, 2]}, "candidates"),
+    ],
+)
+def test_bad_candidates_name_the_field(body, field):
+    import json
+
+    from genrec.config import DeployConfig
+    from genrec.deploy.requests import RankRequest, RequestError, check_rank, parse
+
+    hashing = {"kind": "hashed", "num_buckets": 4096, "num_hashes": 2, "seeds": [1, 2]}
+    with pytest.raises(RequestError) as e:
+        check_rank(
+            parse(RankRequest, json.dumps(body).encode()),
+            DeployConfig(max_k=50),
+            8,
+            hashing,
+        )
+    assert e.value.field == field and e.value.status == 422
