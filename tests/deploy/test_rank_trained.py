@@ -22,25 +22,31 @@ TOL = 1e-5
 def trained_ranker(tmp_path_factory, ray_local) -> tuple[Path, Path]:
     """(prepared base dir, the trainer's last checkpoint, its artifact without AOT)."""
     from genrec.deploy.export import export
-    from genrec.trainer.checkpoint import latest_checkpoint
-    from genrec.trainer.launch import train
 
     base = make_prepared(
         tmp_path_factory.mktemp("ranker"), users=200, events=16_000, items=400, seed=5
     )
+    path = _train(base, "run", "model.task=ranking")
+    export(str(path), str(base / "artifact"), compile_aot=False)
+    return base, path
+
+
+def _train(base: Path, run: str, *extra: str) -> Path:
+    """6 steps of the trainer on 2 ranks (row-wise item table); its last checkpoint."""
+    from genrec.trainer.checkpoint import latest_checkpoint
+    from genrec.trainer.launch import train
+
     cfg = tiny_config(
         base / "prepared",
-        base / "run",
-        "model.task=ranking",
+        base / run,
         "trainer.batch_size=16",
         "trainer.max_steps=6",
         "trainer.eval_batches=1",
         "embeddings.tables=[{name: item, num_embeddings: 4096, dim: 32, features: [item_id]}]",
+        *extra,
     )
     train(cfg, resume=False)
-    path = latest_checkpoint(base / "run")
-    export(str(path), str(base / "artifact"), compile_aot=False)
-    return base, path
+    return latest_checkpoint(base / run)
 
 
 def _requests(base: Path, n: int = 6, n_cand: int = 3, max_history: int = 16) -> list[dict]:
@@ -118,21 +124,9 @@ def test_recommend_rerank_equals_the_offline_cascade(trained_ranker):
     as one pair: `recommend(k=5, rerank=12)` returns the eager retriever's top 12 (history
     excluded) ordered by the eager ranker's click + 2 * order probability, first 5."""
     from genrec.deploy.export import export, load_checkpoint_model
-    from genrec.trainer.checkpoint import latest_checkpoint
-    from genrec.trainer.launch import train
 
     base, ranker_path = trained_ranker
-    cfg = tiny_config(
-        base / "prepared",
-        base / "run-retrieval",
-        "trainer.batch_size=16",
-        "trainer.max_steps=6",
-        "trainer.eval_batches=1",
-        "model.retrieval.num_negatives=64",
-        "embeddings.tables=[{name: item, num_embeddings: 4096, dim: 32, features: [item_id]}]",
-    )
-    train(cfg, resume=False)
-    retr_path = latest_checkpoint(base / "run-retrieval")
+    retr_path = _train(base, "run-retrieval", "model.retrieval.num_negatives=64")
     weights = {"click": 1.0, "order": 2.0}
     export(
         str(retr_path), str(base / "pair"), compile_aot=False, ranker=str(ranker_path),
