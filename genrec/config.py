@@ -117,6 +117,10 @@ class RankingConfig:
     tasks: list[str] = field(default_factory=lambda: ["click", "cart", "order"])
     task_weights: list[float] = field(default_factory=list)  # empty: all 1.0
     regression_tasks: list[str] = field(default_factory=list)  # MSE instead of BCE
+    # true (token_mode interleave only): every target event is predicted at its own item
+    # token, causally, seeing all events before it with their actions (HSTU's ranking
+    # setting); false: candidates sit after the history and never see each other
+    causal: bool = False
 
 
 @dataclass

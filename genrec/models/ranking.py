@@ -3,7 +3,12 @@
 A batch's last num_targets[b] events are sequence b's candidates. They are appended after
 the history as item tokens whose action is hidden (tokens.py), and the attention op runs in
 target-aware mode (num_targets): each candidate sees the history and itself, never another
-candidate, so one forward scores all candidates of a user independently. A small MLP on
+candidate, so one forward scores all candidates of a user independently. With
+ranking.causal (interleave tokens: item, then action) training instead reads every target
+event's ITEM token in the ordinary causal sequence: it sees all earlier events with their
+actions and its own item, not its own action (HSTU's setting). Serving a single next event
+is the same computation either way (the exported ranker appends candidates after the
+history), so both train the same exported program. A small MLP on
 each candidate's output gives one logit per task (model.ranking.tasks).
 
 Labels come from the candidate's action code (data_pipeline.schemas.ACTIONS), with the
@@ -93,6 +98,12 @@ class HSTURanking(nn.Module):
                 f"model.ranking.task_weights has {len(rc.task_weights)} entries for "
                 f"{len(self.tasks)} tasks; give one weight per task or none"
             )
+        if rc.causal and cfg.model.token_mode != "interleave":
+            raise ValueError(
+                "model.ranking.causal=true needs model.token_mode=interleave: in sum mode an "
+                "event's token carries its own action, the label"
+            )
+        self.causal = rc.causal
         self.weights = list(rc.task_weights) or [1.0] * len(self.tasks)
         self.regression = [t in rc.regression_tasks for t in self.tasks]
         self.sparse = SparseEmbeddings.from_config(cfg)
@@ -136,11 +147,13 @@ class HSTURanking(nn.Module):
             batch.lengths,
             batch.num_targets,
             context,
-            candidates=True,
+            candidates=not self.causal,
         )
         h = self.encoder(tok.x, tok.offsets, max(tok.max_len, 1), tok.timestamps, tok.num_targets)
         cand, rows = candidate_events(batch)
-        logits = self.head(h[tok.state_index[cand]])
+        # causal: the candidate's item token (its action token follows it, unseen by it)
+        read = tok.state_index[cand] - (1 if self.causal else 0)
+        logits = self.head(h[read])
         if cand.numel() == 0:  # keep every parameter in the graph
             logits = logits + 0.0 * h.sum()
         return logits, cand, rows

@@ -124,11 +124,12 @@ class EpochTrainer(TrainerCore):
         return self.score(loo_view(read_user_sequences(self.cfg.data.prepared_dir), split))
 
     def train_view(self, train: pa.Table, epoch: int) -> pa.Table:
-        """Retrieval trains on every position of the training part. Ranking's candidates see
-        only the events before them that are not candidates: each epoch cuts every row at a
-        random point (seeded by seed and epoch), the events after it are the candidates."""
-        if self.cfg.model.task != "ranking":
-            return train
+        """Retrieval and causal ranking train on every position of the training part.
+        Target-aware ranking's candidates see only the events before them that are not
+        candidates: each epoch cuts every row at a random point (seeded by seed and epoch),
+        the events after it are the candidates."""
+        if self.cfg.model.task != "ranking" or self.cfg.model.ranking.causal:
+            return train  # causal ranking predicts every event from the ones before it
         n = pc.list_value_length(train.column("item_ids")).to_numpy()
         rng = np.random.default_rng(self.cfg.trainer.seed * 1000 + epoch + 7)
         history = np.floor(rng.random(n.size) * (n - 1)).astype(np.int32) + 1
