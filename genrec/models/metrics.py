@@ -12,6 +12,11 @@ Ranking tasks, on logits and {0, 1} labels:
                rate (< 1 beats always predicting the base rate);
   calibration  mean predicted probability / observed positive rate (1 is calibrated).
 These are exact (a sort per call); `trainer.tasks` gathers a window's scores to compute them.
+NE is torchrec.metrics' formula on the sums; AUC is not torchrec's `compute_auc`, which
+ranks tied scores as if positives came first (scores [0.5, 0.5, 0.2], labels [1, 0, 0]:
+1.0 instead of 0.75; all scores equal: 1.0 instead of 0.5) and gives 0.5 for a window with
+one class: a baseline with many tied scores (every unseen item at the global rate) would
+look better than it is.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torchrec.metrics.ne import compute_ne
 
 
 def ranks_from_topk(topk_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -52,17 +58,18 @@ def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def normalized_entropy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean BCE of sigmoid(logits) divided by the entropy of the labels' base rate."""
+    """Mean BCE of sigmoid(logits) divided by the entropy of the labels' base rate
+    (torchrec.metrics.ne on the sums; nan when a class is empty)."""
     x = logits.detach().to(torch.float64).flatten()
     y = labels.detach().to(torch.float64).flatten()
-    if not y.numel():
+    pos = float(y.sum())
+    if not y.numel() or pos == 0.0 or pos == y.numel():
         return math.nan
-    p = float(y.mean())
-    if p <= 0.0 or p >= 1.0:
-        return math.nan
-    ll = torch.nn.functional.binary_cross_entropy_with_logits(x, y)
-    base = -(p * math.log(p) + (1 - p) * math.log(1 - p))
-    return float(ll) / base
+    # in bits, as torchrec's cross entropy (log2); from logits, stable at any magnitude
+    ce = torch.nn.functional.binary_cross_entropy_with_logits(x, y, reduction="sum") / math.log(2)
+    n = torch.tensor(float(y.numel()), dtype=torch.float64)
+    out = compute_ne(ce, n, torch.tensor(pos, dtype=torch.float64), n - pos, eta=1e-12)
+    return float(out)
 
 
 def calibration(logits: torch.Tensor, labels: torch.Tensor) -> float:
