@@ -194,3 +194,25 @@ def test_bad_candidates_name_the_field(body, field):
             hashing,
         )
     assert e.value.field == field and e.value.status == 422
+
+
+def test_evaluate_scores_a_ranking_checkpoint_per_task(trained_ranker):
+    """`genrec evaluate` on the trainer's ranking checkpoint (2 ranks, frozen weights): per
+    window and task the model's and the item rate's AUC, NE and calibration."""
+    from genrec.config import from_dict
+    from genrec.trainer.checkpoint import read_state
+    from genrec.trainer.evaluate import describe_result
+    from genrec.trainer.launch import evaluate
+
+    base, path = trained_ranker
+    cfg = from_dict(read_state(path)["config"])
+    first = sorted((base / "prepared").glob("window=*"))[0].name.split("=")[1]
+    cfg.data.windows = [int(first)]
+    got = evaluate(cfg, checkpoint=str(path), out=str(base / "evaluate.json"))
+    (row,) = got["windows"]
+    assert row["window"] == int(first) and row["positions"] > 0
+    for task in cfg.model.ranking.tasks:
+        for who in ("model", "item_rate"):
+            assert 0.0 <= row[f"{who}/{task}.auc"] <= 1.0, (who, task)
+            assert row[f"{who}/{task}.ne"] > 0.0 and row[f"{who}/{task}.calibration"] > 0.0
+    assert describe_result(got)[0].startswith(f"window {first}")
