@@ -119,21 +119,34 @@ def _eager_rank(model, reqs: list[dict]) -> list[torch.Tensor]:
     return [probs[rows == b] for b in range(n)]
 
 
-def test_recommend_rerank_equals_the_offline_cascade(trained_ranker):
-    """A retriever and the ranker, both trained by the trainer on the same data, exported
-    as one pair: `recommend(k=5, rerank=12)` returns the eager retriever's top 12 (history
-    excluded) ordered by the eager ranker's click + 2 * order probability, first 5."""
-    from genrec.deploy.export import export, load_checkpoint_model
+WEIGHTS = {"click": 1.0, "order": 2.0}
+
+
+@pytest.fixture(scope="module")
+def pair(trained_ranker) -> tuple[Path, Path]:
+    """(retrieval checkpoint trained like the ranker, the pair's artifact: retriever + the
+    ranker, rerank weights click + 2 * order)."""
+    from genrec.deploy.export import export
 
     base, ranker_path = trained_ranker
     retr_path = _train(base, "run-retrieval", "model.retrieval.num_negatives=64")
-    weights = {"click": 1.0, "order": 2.0}
     export(
         str(retr_path), str(base / "pair"), compile_aot=False, ranker=str(ranker_path),
-        rerank_weights=weights,
+        rerank_weights=WEIGHTS,
     )  # fmt: skip
-    art = Artifact(base / "pair")
-    assert art.reranker is not None and art.rerank_weights == weights
+    return retr_path, base / "pair"
+
+
+def test_recommend_rerank_equals_the_offline_cascade(trained_ranker, pair):
+    """A retriever and the ranker, both trained by the trainer on the same data, exported
+    as one pair: `recommend(k=5, rerank=12)` returns the eager retriever's top 12 (history
+    excluded) ordered by the eager ranker's click + 2 * order probability, first 5."""
+    from genrec.deploy.export import load_checkpoint_model
+
+    base, ranker_path = trained_ranker
+    retr_path, pair_dir = pair
+    art = Artifact(pair_dir)
+    assert art.reranker is not None and art.rerank_weights == WEIGHTS
     reqs = _requests(base, n=5, n_cand=1)
     hists = [r["history"] for r in reqs]
     ts, acts = [r["timestamps"] for r in reqs], [r["actions"] for r in reqs]
@@ -216,3 +229,42 @@ def test_evaluate_scores_a_ranking_checkpoint_per_task(trained_ranker):
             assert 0.0 <= row[f"{who}/{task}.auc"] <= 1.0, (who, task)
             assert row[f"{who}/{task}.ne"] > 0.0 and row[f"{who}/{task}.calibration"] > 0.0
     assert describe_result(got)[0].startswith(f"window {first}")
+
+
+def test_served_rank_and_rerank_equal_offline(ray_local, trained_ranker, pair):
+    """Over HTTP (Ray Serve, 127.0.0.1): /recommend with rerank and /rank on the trainer's
+    checkpoints return what the offline artifact computes (itself equal to the eager
+    models, tests above); a bad rerank is a 422 naming the field."""
+    import httpx
+
+    from genrec.deploy.serve import serve
+    from genrec.trainer.distributed import free_port
+
+    base, _ = trained_ranker
+    handle = serve(str(pair[1]), port=free_port(), blocking=False)
+    port = int(handle.url.rsplit(":", 1)[1])
+    serve(str(base / "artifact"), port=port, blocking=False, name="ranker", route_prefix="/ranker")
+    reqs = _requests(base, n=3, n_cand=2)
+    art, ranker = Artifact(pair[1]), Artifact(base / "artifact")
+    try:
+        with httpx.Client(base_url=handle.url, timeout=60.0) as client:
+            for r in reqs:
+                hist = {k: r[k] for k in ("history", "timestamps", "actions")}
+                got = client.post("/recommend", json={**hist, "k": 4, "rerank": 10})
+                assert got.status_code == 200, got.text
+                want = art.recommend([r["history"]], 4, [r["timestamps"]], [r["actions"]],
+                                     rerank=10)[0]  # fmt: skip
+                assert got.json()["item_ids"] == want.ids.tolist()
+                np.testing.assert_allclose(got.json()["scores"], want.scores, atol=1e-5)
+                got = client.post("/ranker/rank", json={**hist, "candidates": r["candidates"]})
+                assert got.status_code == 200, got.text
+                offline = ranker.rank([r["history"]], [r["candidates"]], [r["timestamps"]],
+                                      [r["actions"]])[0]  # fmt: skip
+                for task, scores in offline.items():
+                    np.testing.assert_allclose(got.json()["scores"][task], scores, atol=1e-5)
+            bad = client.post("/recommend", json={"history": [1, 2], "k": 5, "rerank": 3})
+            assert bad.status_code == 422 and bad.json()["field"] == "rerank", bad.text
+            bad = client.post("/ranker/rank", json={"history": [1, 2], "candidates": ["x"]})
+            assert bad.status_code == 422 and bad.json()["field"] == "candidates[0]", bad.text
+    finally:
+        handle.shutdown()
