@@ -192,13 +192,16 @@ class RankingTask:
 
 
 def describe_ranking(row: dict, prefix: str = "") -> str:
-    """`task AUC x (item rate y)` for every task with an AUC in `row`."""
+    """`task AUC x (item rate y)` for every task with an AUC in `row`; the model's keys
+    start with `prefix` ("model/" in stream rows, "test/" in an evaluation, "" in epoch
+    rows), the baseline's with the same prefix less "model/"."""
+    root = prefix[: -len("model/")] if prefix.endswith("model/") else prefix
     parts = []
     for key in row:
         if key.startswith(prefix) and key.endswith(".auc") and "/" not in key[len(prefix) :]:
             task = key[len(prefix) : -len(".auc")]
             parts.append(
-                f"{task} AUC {row[key]:.4f} (item rate {row[f'item_rate/{task}.auc']:.4f})"
+                f"{task} AUC {row[key]:.4f} (item rate {row[f'{root}item_rate/{task}.auc']:.4f})"
             )
     return "  ".join(parts)
 

@@ -140,3 +140,14 @@ def test_metrics_log_resume_drops_rows_after_the_checkpoint(tmp_path):
         (3, 30.0),
     ]
     assert not [r for r in rows if r["kind"] == "window"]
+
+
+def test_ranking_rows_are_described_under_every_prefix():
+    from genrec.trainer.tasks import describe_ranking
+
+    stream = {"model/click.auc": 0.61, "item_rate/click.auc": 0.55, "model/click.ne": 0.9}
+    split = {"test/like.auc": 0.8, "test/item_rate/like.auc": 0.7, "test/users": 3.0}
+    epoch = {"like.auc": 0.8, "item_rate/like.auc": 0.7}
+    assert describe_ranking(stream, "model/") == "click AUC 0.6100 (item rate 0.5500)"
+    assert describe_ranking(split, "test/") == "like AUC 0.8000 (item rate 0.7000)"
+    assert describe_ranking(epoch) == "like AUC 0.8000 (item rate 0.7000)"
