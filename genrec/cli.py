@@ -139,6 +139,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg.trainer.launcher = args.launcher
     if args.ray_address:
         cfg.data.ray_address = args.ray_address
+    if args.init_from:
+        cfg.trainer.init_from = args.init_from
     check_prepared(cfg)
     train(cfg, resume=not args.no_resume)
     return 0
@@ -155,21 +157,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate(cfg, args.checkpoint or None, args.split, args.out or None)
     if not result:  # a torchrun rank other than 0
         return 0
-    if "windows" in result:
-        from genrec.trainer.loop import format_row
+    from genrec.trainer.evaluate import describe_result
 
-        for row in result["windows"]:
-            print(format_row(row), file=sys.stderr)
-    else:
-        s = args.split
-        print(
-            f"{s}: {int(result[f'{s}/users'])} users  "
-            + "  ".join(
-                f"{m} {result[f'{s}/{m}']:.4f} (pop {result[f'{s}/most_popular/{m}']:.4f})"
-                for m in ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
-            ),
-            file=sys.stderr,
-        )
+    for line in describe_result(result):
+        print(line, file=sys.stderr)
     print(f"checkpoint {result['checkpoint']} (step {result['step']})", file=sys.stderr)
     print(json.dumps(result))
     return 0
@@ -186,7 +177,14 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from genrec.deploy.export import export
 
-    manifest = export(args.checkpoint, args.out, compile_aot=not args.no_aot)
+    weights = {t: float(w) for t, w in (x.split("=") for x in args.rerank_weights.split(",") if x)}
+    manifest = export(
+        args.checkpoint,
+        args.out,
+        compile_aot=not args.no_aot,
+        ranker=args.ranker or None,
+        rerank_weights=weights or None,
+    )
     print(f"artifact written to {args.out} ({len(manifest['files'])} files)")
     return 0
 
@@ -306,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", choices=["local", "torchrun", "ray"], default=None)
     p.add_argument("--ray-address", default="")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in run_dir")
+    p.add_argument(
+        "--init-from", default="", help="warm start from this checkpoint's model weights"
+    )
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
@@ -328,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True)
     p.add_argument("--no-aot", action="store_true", help="skip AOTInductor compilation")
+    p.add_argument("--ranker", default="", help="a ranking checkpoint to pair (rerank: N)")
+    p.add_argument("--rerank-weights", default="", help="task=weight,... (default: 1st task)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("serve", help="HTTP endpoint over an exported artifact")

@@ -145,6 +145,10 @@ class RankingConfig:
     tasks: list[str] = field(default_factory=lambda: ["click", "cart", "order"])
     task_weights: list[float] = field(default_factory=list)  # empty: all 1.0
     regression_tasks: list[str] = field(default_factory=list)  # MSE instead of BCE
+    # true (token_mode interleave only): every target event is predicted at its own item
+    # token, causally, seeing all events before it with their actions (HSTU's ranking
+    # setting); false: candidates sit after the history and never see each other
+    causal: bool = False
 
 
 @dataclass
@@ -245,6 +249,9 @@ class TrainerConfig:
     # replicated table's dense gradient is reallocated every step and page-faulted afresh
     # otherwise (half the CPU time of the SASRec Sports recipe). Costs the peak heap staying mapped
     reuse_freed_host_memory: bool = True
+    # warm start: a checkpoint directory whose model weights this run starts from (optimizer,
+    # step and stream position start fresh; ignored when resuming this run's own checkpoint)
+    init_from: str = ""
 
 
 @dataclass

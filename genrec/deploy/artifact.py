@@ -7,6 +7,8 @@
     ARTIFACT/model.safetensors           the full unsharded state dict (eager rebuilds)
     ARTIFACT/items.safetensors           item_ids int64 [N], embeddings float32 [N, D]
     ARTIFACT/index.json (+ index.faiss)  item index kind and search parameters
+    ARTIFACT/ranker/                     a paired ranking artifact (retrieve, then rank):
+                                         `recommend(..., rerank=N)` orders the top N by it
 
 `Artifact.load` verifies every checksum before anything is deserialized, so a corrupted or
 edited file fails with its name. The runtime hashes raw ids in numpy with the manifest's
@@ -36,6 +38,7 @@ ENCODER = "user_encoder"
 RANKER = "ranker"
 ITEMS = "items.safetensors"
 WEIGHTS = "model.safetensors"
+RERANKER_DIR = "ranker"
 
 
 class ArtifactError(ValueError):
@@ -113,7 +116,8 @@ class Artifact:
         self.task: str = self.manifest["task"]
         self.item_hashing = self.manifest["hashing"]["features"][ITEM_KEY]
         self.max_len = int(self.manifest["feature_spec"]["max_len"])
-        self.encoder = self.ranker = None
+        self.encoder = self.ranker = self.reranker = None
+        self.rerank_weights: dict[str, float] = {}
         self.index: ItemIndex | None = None
         self.backend = None
         if self.task == "retrieval":
@@ -122,10 +126,21 @@ class Artifact:
             self.encoder, self.backend = _load_program(self.dir, ENCODER, self.manifest, prefer_aot)
             items = load_file(str(self.dir / ITEMS))
             self.index = ItemIndex.load(self.dir, items["item_ids"], items["embeddings"])
+            self.reranker, self.rerank_weights = self._load_reranker(prefer_aot, verify)
         else:
             self.ranker, self.backend = _load_program(self.dir, RANKER, self.manifest, prefer_aot)
             self.tasks: list[str] = list(self.manifest["ranking"]["tasks"])
             self.regression: list[bool] = list(self.manifest["ranking"]["regression"])
+
+    def _load_reranker(self, prefer_aot: bool, verify: bool):
+        """The paired ranker (manifest "rerank") and its task weights, or (None, {})."""
+        spec = self.manifest.get("rerank")
+        if not spec:
+            return None, {}
+        sub = self.dir / spec["dir"]
+        if verify and sha256_file(sub / MANIFEST) != spec["manifest_sha256"]:
+            raise ArtifactError(f"{sub / MANIFEST}: checksum mismatch; re-export the pair")
+        return Artifact(sub, prefer_aot, verify), dict(spec["weights"])
 
     @property
     def limits(self):
@@ -151,13 +166,51 @@ class Artifact:
         return self.encoder(*self._inputs(histories, timestamps, actions))
 
     def recommend(
-        self, histories, k: int, timestamps=None, actions=None, exclude_history: bool = True
+        self,
+        histories,
+        k: int | list[int],
+        timestamps=None,
+        actions=None,
+        exclude_history: bool | list[bool] = True,
+        rerank: int | list[int] = 0,
     ) -> list[Recommendation]:
+        """Top k per history from the index (k, exclude_history and rerank: one for all or
+        one per history); with rerank=N >= k the index's top N ordered by the paired
+        ranker's weighted task scores (`rerank`), of which the first k."""
+        n = len(histories)
+        ks, excl, reranks = (_per(x, n) for x in (k, exclude_history, rerank))
+        depth = [max(a, b) for a, b in zip(ks, reranks)]
         states = self.encode(histories, timestamps, actions)
-        exclude = [set(map(int, h)) for h in histories] if exclude_history else None
-        ids, scores = self.index.search(states, k, exclude)
-        keep = ids >= 0
-        return [Recommendation(ids[b][keep[b]], scores[b][keep[b]]) for b in range(len(ids))]
+        exclude = [set(map(int, h)) if e else set() for h, e in zip(histories, excl)]
+        ids, scores = self.index.search(states, max(depth), exclude)
+        out = []
+        for b in range(n):
+            keep = ids[b, : depth[b]] >= 0
+            out.append(Recommendation(ids[b, : depth[b]][keep], scores[b, : depth[b]][keep]))
+        todo = [b for b in range(n) if reranks[b] and out[b].ids.size]
+        if todo:
+            ordered = self.rerank(
+                [histories[b] for b in todo],
+                [out[b].ids for b in todo],
+                [timestamps[b] for b in todo] if timestamps else None,
+                [actions[b] for b in todo] if actions else None,
+            )
+            for b, rec in zip(todo, ordered):
+                out[b] = rec
+        return [Recommendation(r.ids[:kb], r.scores[:kb]) for r, kb in zip(out, ks)]
+
+    def rerank(self, histories, candidates, timestamps=None, actions=None) -> list:
+        """Candidates ordered by sum_t weight_t * score_t of the paired ranker (stable:
+        ties keep the retrieval order); the scores returned are those weighted sums."""
+        if self.reranker is None:
+            raise ArtifactError(f"{self.dir}: no paired ranker; export with --ranker")
+        per_task = self.reranker.rank(histories, candidates, timestamps, actions)
+        out = []
+        for c, s in zip(candidates, per_task):
+            total = sum(w * np.asarray(s[t], np.float64) for t, w in self.rerank_weights.items())
+            order = np.argsort(-total, kind="stable")
+            out.append(Recommendation(np.asarray(c)[order], total[order].astype(np.float32)))
+        return out
 
     @torch.no_grad()
     def rank(self, histories, candidates, timestamps=None, actions=None) -> list[dict]:
@@ -185,3 +238,8 @@ class Artifact:
                 }
             )
         return out
+
+
+def _per(value, n: int) -> list:
+    """One value per request: a list as given, a scalar repeated."""
+    return list(value) if isinstance(value, (list, tuple)) else [value] * n

@@ -37,8 +37,10 @@ from genrec.deploy.artifact import (
     ITEMS,
     MANIFEST,
     RANKER,
+    RERANKER_DIR,
     WEIGHTS,
     file_entries,
+    sha256_file,
 )
 from genrec.deploy.index import ItemIndex
 from genrec.deploy.programs import (
@@ -165,8 +167,15 @@ def export(
     compile_aot: bool = True,
     catalog: str | None = None,
     index_kind: str | None = None,
+    ranker: str | None = None,
+    rerank_weights: dict[str, float] | None = None,
 ) -> dict:
-    """Write the serving artifact of `checkpoint` into `out`; returns the manifest."""
+    """Write the serving artifact of `checkpoint` into `out`; returns the manifest.
+
+    `ranker`: a ranking checkpoint exported beside a retrieval one, into `out/ranker/` (a
+    complete ranking artifact with its own manifest), so that `/recommend` with `rerank: N`
+    can order the index's top N by the ranker's tasks, weighted by `rerank_weights`
+    ({task: weight}; default the ranker's first binary task alone)."""
     t_start = time.time()
     if (Path(checkpoint) / "checkpoints").is_dir():  # a run directory: take its latest
         latest = latest_checkpoint(checkpoint)
@@ -235,6 +244,36 @@ def export(
         **extra,
         "files": file_entries(dest, files),
     }
+    if ranker:
+        manifest["rerank"] = _export_reranker(cfg, ranker, dest, compile_aot, rerank_weights)
     (dest / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     log(f"wrote {len(files)} files + {MANIFEST} to {dest} in {time.time() - t_start:.1f} s")
     return manifest
+
+
+def _export_reranker(
+    cfg: Config, ranker: str, dest: Path, compile_aot: bool, weights: dict[str, float] | None
+) -> dict:
+    """Export the paired ranking checkpoint into dest/RERANKER_DIR; its manifest section."""
+    if cfg.model.task != "retrieval":
+        raise ValueError(f"--ranker pairs a ranker with a RETRIEVAL checkpoint, not {ranker!r}")
+    sub = export(ranker, str(dest / RERANKER_DIR), compile_aot=compile_aot)
+    if sub["task"] != "ranking":
+        raise ValueError(f"--ranker {ranker}: a {sub['task']} checkpoint, not a ranking one")
+    if sub["hashing"]["features"][ITEM_KEY] != hashing_spec(cfg)["features"][ITEM_KEY]:
+        raise ValueError(
+            f"--ranker {ranker}: its item table hashes ids differently from the retrieval "
+            "model's; pair checkpoints trained with the same embeddings.tables"
+        )
+    tasks, regression = sub["ranking"]["tasks"], sub["ranking"]["regression"]
+    if not weights:
+        binary = [t for t, r in zip(tasks, regression) if not r]
+        weights = {(binary or tasks)[0]: 1.0}
+    unknown = sorted(set(weights) - set(tasks))
+    if unknown:
+        raise ValueError(f"rerank weights name tasks {unknown}; the ranker has {tasks}")
+    return {
+        "dir": RERANKER_DIR,
+        "weights": dict(weights),
+        "manifest_sha256": sha256_file(dest / RERANKER_DIR / MANIFEST),
+    }

@@ -41,6 +41,7 @@ class _History(BaseModel):
 class RecommendRequest(_History):
     k: StrictInt
     exclude_history: StrictBool = True
+    rerank: StrictInt = 0  # > 0: retrieve this many, return the k the paired ranker likes best
 
 
 class RankRequest(_History):
@@ -100,12 +101,27 @@ def _check_history(
 
 
 def check_recommend(
-    req: RecommendRequest, limits: DeployConfig, num_actions: int, item_hashing: dict
+    req: RecommendRequest,
+    limits: DeployConfig,
+    num_actions: int,
+    item_hashing: dict,
+    can_rerank: bool = False,
 ) -> None:
-    """`item_hashing`: the artifact's id -> row spec of item_id (manifest hashing)."""
+    """`item_hashing`: the artifact's id -> row spec of item_id (manifest hashing);
+    `can_rerank`: the artifact carries a paired ranker."""
     _check_history(req, limits, num_actions, item_hashing)
     if not 1 <= req.k <= limits.max_k:
         raise RequestError("k", f"must be in [1, {limits.max_k}] (deploy.max_k), got {req.k}")
+    if req.rerank:
+        if not can_rerank:
+            raise RequestError(
+                "rerank", "this artifact has no paired ranker (genrec export --ranker)", 400
+            )
+        if not req.k <= req.rerank <= limits.max_k:
+            raise RequestError(
+                "rerank",
+                f"must be in [k={req.k}, {limits.max_k}] (deploy.max_k), got {req.rerank}",
+            )
 
 
 def check_rank(

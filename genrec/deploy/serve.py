@@ -5,7 +5,7 @@
     handle.shutdown()
 
 Endpoints
-    POST /recommend  {history, timestamps?, actions?, k, exclude_history?}
+    POST /recommend  {history, timestamps?, actions?, k, exclude_history?, rerank?}
                      -> {item_ids: [...], scores: [...]} (model scores, best first)
     POST /rank       {history, timestamps?, actions?, candidates}
                      -> {candidates: [...], scores: {task: [...]}} (ranking artifacts)
@@ -91,24 +91,15 @@ class GenrecService:
 
     @ray_serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _recommend_batch(self, reqs: list[RecommendRequest]) -> list[dict]:
-        k = max(r.k for r in reqs)
-        states = self.art.encode(
+        recs = self.art.recommend(
             [r.history for r in reqs],
+            [r.k for r in reqs],
             [r.timestamps for r in reqs],
             [r.actions for r in reqs],
+            exclude_history=[r.exclude_history for r in reqs],
+            rerank=[r.rerank for r in reqs],
         )
-        exclude = [set(r.history) if r.exclude_history else set() for r in reqs]
-        ids, scores = self.art.index.search(states, k, exclude)
-        out = []
-        for b, r in enumerate(reqs):
-            keep = ids[b, : r.k] >= 0
-            out.append(
-                {
-                    "item_ids": ids[b, : r.k][keep].tolist(),
-                    "scores": scores[b, : r.k][keep].tolist(),
-                }
-            )
-        return out
+        return [{"item_ids": r.ids.tolist(), "scores": r.scores.tolist()} for r in recs]
 
     @ray_serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _rank_batch(self, reqs: list[RankRequest]) -> list[dict]:
@@ -131,7 +122,13 @@ class GenrecService:
                     status=400,
                 )
             req = parse(RecommendRequest, await _read_body(request, self.limits.max_body_bytes))
-            check_recommend(req, self.limits, self.num_actions, self.art.item_hashing)
+            check_recommend(
+                req,
+                self.limits,
+                self.num_actions,
+                self.art.item_hashing,
+                can_rerank=self.art.reranker is not None,
+            )
         except RequestError as e:
             return _error(e)
         return await self._recommend_batch(req)

@@ -1,10 +1,22 @@
-"""Offline metrics: ranking quality of top-K lists, and per-task classification quality.
+"""The metrics of genrec, one implementation each, used by every trainer mode and benchmark.
 
 Retrieval (one target per position; rank r is 1-based, `inf` when the target is missing
-from the list):  HR@K = [r <= K],  NDCG@K = [r <= K] / log2(r + 1),  MRR = 1 / r (0 if
-missing). Recall@K is per user with a set of relevant items: |top-K & relevant| / |relevant|.
-Ranking tasks: AUC (Mann-Whitney, ties count half) and normalized entropy
-NE = mean log loss / entropy of the base rate (< 1 beats predicting the base rate).
+from the top-K list): recall@K = [r <= K] (with one relevant item per position it is the
+hit rate), NDCG@K = [r <= K] / log2(r + 1). `recall_ndcg_sums` returns SUMS over positions
+so that windows, ranks and batches add them up before dividing once.
+
+Ranking tasks, on logits and {0, 1} labels:
+  AUC          probability that a random positive outscores a random negative (Mann-Whitney,
+               ties count one half); nan when a class is empty;
+  NE           normalized entropy: mean log loss of sigmoid(logit) / entropy of the base
+               rate (< 1 beats always predicting the base rate);
+  calibration  mean predicted probability / observed positive rate (1 is calibrated).
+These are exact (a sort per call); `trainer.tasks` gathers a window's scores to compute them.
+NE is torchrec.metrics' formula on the sums; AUC is not torchrec's `compute_auc`, which
+ranks tied scores as if positives came first (scores [0.5, 0.5, 0.2], labels [1, 0, 0]:
+1.0 instead of 0.75; all scores equal: 1.0 instead of 0.5) and gives 0.5 for a window with
+one class: a baseline with many tied scores (every unseen item at the global rate) would
+look better than it is.
 """
 
 from __future__ import annotations
@@ -12,6 +24,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torchrec.metrics.ne import compute_ne
 
 
 def ranks_from_topk(topk_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -21,38 +34,12 @@ def ranks_from_topk(topk_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return torch.where(match.any(dim=1), first, torch.full_like(first, math.inf))
 
 
-def hit_rate_at_k(ranks: torch.Tensor, k: int) -> float:
-    return float((ranks <= k).to(torch.float64).mean()) if ranks.numel() else math.nan
-
-
-def ndcg_at_k(ranks: torch.Tensor, k: int) -> float:
-    if not ranks.numel():
-        return math.nan
-    r = ranks.to(torch.float64)
-    gain = torch.where(r <= k, 1.0 / torch.log2(r.clamp_max(1e18) + 1.0), torch.zeros_like(r))
-    return float(gain.mean())
-
-
-def mrr(ranks: torch.Tensor) -> float:
-    return float((1.0 / ranks.to(torch.float64)).mean()) if ranks.numel() else math.nan
-
-
-def recall_at_k(topk_ids: torch.Tensor, relevant: list[torch.Tensor], k: int) -> float:
-    """Mean over users of the share of their relevant items found in their top-K."""
-    vals = []
-    for row, rel in zip(topk_ids[:, :k], relevant):
-        rel = torch.unique(rel)
-        if rel.numel():
-            vals.append(float(torch.isin(rel, row).sum()) / rel.numel())
-    return sum(vals) / len(vals) if vals else math.nan
-
-
-def retrieval_metrics(topk_ids: torch.Tensor, targets: torch.Tensor, ks=(1, 10, 50)) -> dict:
-    ranks = ranks_from_topk(topk_ids, targets)
-    out = {f"hr@{k}": hit_rate_at_k(ranks, k) for k in ks}
-    out.update({f"ndcg@{k}": ndcg_at_k(ranks, k) for k in ks})
-    out["mrr"] = mrr(ranks)
-    return out
+def recall_ndcg_sums(topk_ids: torch.Tensor, targets: torch.Tensor, k: int) -> tuple[float, float]:
+    """(sum of recall@k, sum of NDCG@k) over the rows of a [P, >= k] top-K id matrix."""
+    r = ranks_from_topk(topk_ids[:, :k], targets)
+    hit = r <= k
+    gain = torch.where(hit, 1.0 / torch.log2(r.clamp_max(1e18) + 1.0), torch.zeros_like(r))
+    return float(hit.sum()), float(gain.sum())
 
 
 def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -62,43 +49,44 @@ def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         return math.nan
-    order = torch.argsort(s)
-    sorted_s = s[order]
-    ranks = torch.empty_like(s)
-    # average the ranks of tied scores
-    _, inverse, counts = torch.unique(sorted_s, return_inverse=True, return_counts=True)
-    rank_sum = torch.zeros(counts.numel(), dtype=torch.float64).index_add(
-        0, inverse, torch.arange(1, s.numel() + 1, dtype=torch.float64)
-    )
-    avg = rank_sum / counts
-    ranks[order] = avg[inverse]
-    u = float(ranks[y].sum()) - n_pos * (n_pos + 1) / 2
+    # average rank of each distinct score (ties share it)
+    _, inverse, counts = torch.unique(s, return_inverse=True, return_counts=True)
+    first = torch.cumsum(counts, 0) - counts  # 0-based rank of each distinct value's first
+    avg = first.to(torch.float64) + (counts.to(torch.float64) + 1.0) / 2.0
+    u = float(avg[inverse][y].sum()) - n_pos * (n_pos + 1) / 2
     return u / (n_pos * n_neg)
 
 
 def normalized_entropy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean BCE of sigmoid(logits) divided by the entropy of the labels' base rate."""
+    """Mean BCE of sigmoid(logits) divided by the entropy of the labels' base rate
+    (torchrec.metrics.ne on the sums; nan when a class is empty)."""
     x = logits.detach().to(torch.float64).flatten()
     y = labels.detach().to(torch.float64).flatten()
-    if not y.numel():
+    pos = float(y.sum())
+    if not y.numel() or pos == 0.0 or pos == y.numel():
         return math.nan
-    p = float(y.mean())
-    if p <= 0.0 or p >= 1.0:
-        return math.nan
-    ll = torch.nn.functional.binary_cross_entropy_with_logits(x, y)
-    base = -(p * math.log(p) + (1 - p) * math.log(1 - p))
-    return float(ll) / base
+    # in bits, as torchrec's cross entropy (log2); from logits, stable at any magnitude
+    ce = torch.nn.functional.binary_cross_entropy_with_logits(x, y, reduction="sum") / math.log(2)
+    n = torch.tensor(float(y.numel()), dtype=torch.float64)
+    out = compute_ne(ce, n, torch.tensor(pos, dtype=torch.float64), n - pos, eta=1e-12)
+    return float(out)
 
 
-def ranking_metrics(
-    logits: torch.Tensor, labels: torch.Tensor, tasks: list[str], regression: list[bool]
-) -> dict[str, float]:
-    """Per task: auc/ne for binary tasks, mse for regression tasks."""
-    out = {}
-    for k, (task, is_reg) in enumerate(zip(tasks, regression)):
-        if is_reg:
-            out[f"{task}/mse"] = float(((logits[:, k] - labels[:, k]) ** 2).mean())
-        else:
-            out[f"{task}/auc"] = auc(logits[:, k], labels[:, k])
-            out[f"{task}/ne"] = normalized_entropy(logits[:, k], labels[:, k])
-    return out
+def calibration(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean predicted probability / observed positive rate (nan without positives)."""
+    y = labels.detach().to(torch.float64).flatten()
+    if not y.numel() or float(y.sum()) == 0.0:
+        return math.nan
+    return float(torch.sigmoid(logits.detach().to(torch.float64)).mean() / y.mean())
+
+
+def task_metrics(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> dict[str, float]:
+    """One task's metrics: auc, ne, calibration (binary) or mse (regression)."""
+    if regression:
+        mse = float(((logits.double() - labels.double()) ** 2).mean()) if labels.numel() else 0.0
+        return {"mse": mse if labels.numel() else math.nan}
+    return {
+        "auc": auc(logits, labels),
+        "ne": normalized_entropy(logits, labels),
+        "calibration": calibration(logits, labels),
+    }

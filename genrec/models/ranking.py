@@ -3,7 +3,12 @@
 A batch's last num_targets[b] events are sequence b's candidates. They are appended after
 the history as item tokens whose action is hidden (tokens.py), and the attention op runs in
 target-aware mode (num_targets): each candidate sees the history and itself, never another
-candidate, so one forward scores all candidates of a user independently. A small MLP on
+candidate, so one forward scores all candidates of a user independently. With
+ranking.causal (interleave tokens: item, then action) training instead reads every target
+event's ITEM token in the ordinary causal sequence: it sees all earlier events with their
+actions and its own item, not its own action (HSTU's setting). Serving a single next event
+is the same computation either way (the exported ranker appends candidates after the
+history), so both train the same exported program. A small MLP on
 each candidate's output gives one logit per task (model.ranking.tasks).
 
 Labels come from the candidate's action code (data_pipeline.schemas.ACTIONS), with the
@@ -12,6 +17,19 @@ purchase funnel implied: "click" is any of click/cart/order, "cart" is cart or o
 ranking.regression_tasks, e.g. watch_time) reads its target from the batch feature of the
 same name (values cast to float) and trains with MSE; the others with BCE. Task losses are
 summed with ranking.task_weights (default all 1).
+
+Positives and negatives per source (the action codes the sources write; a negative is an
+event the user was shown and did not act on in the task's way, never a sampled item):
+  T-ECD      tasks click / cart / order from action_type; the funnel above, so a view is a
+             negative of all three and a click a negative of cart and order;
+  Yambda     tasks view (a listen of >= 30 % of the track), like, skip (a dislike or a
+             listen under 30 %); a listen is a negative of like, a like of skip, etc.;
+  VK-LSVD    like (like or bookmark), share, click (author click or comments), skip
+             (dislike), and watch_time (regression on the `watch_time` context column):
+             every shown video without the flag is its negative;
+  MovieLens  like = rating >= 4; a rating below 4 (action view) is the negative.
+In stream mode a window's events are the candidates and earlier windows the history; in
+epochs mode each epoch cuts every training sequence at a random point (trainer/epochs.py).
 """
 
 from __future__ import annotations
@@ -80,6 +98,12 @@ class HSTURanking(nn.Module):
                 f"model.ranking.task_weights has {len(rc.task_weights)} entries for "
                 f"{len(self.tasks)} tasks; give one weight per task or none"
             )
+        if rc.causal and cfg.model.token_mode != "interleave":
+            raise ValueError(
+                "model.ranking.causal=true needs model.token_mode=interleave: in sum mode an "
+                "event's token carries its own action, the label"
+            )
+        self.causal = rc.causal
         self.weights = list(rc.task_weights) or [1.0] * len(self.tasks)
         self.regression = [t in rc.regression_tasks for t in self.tasks]
         self.sparse = SparseEmbeddings.from_config(cfg)
@@ -123,23 +147,19 @@ class HSTURanking(nn.Module):
             batch.lengths,
             batch.num_targets,
             context,
-            candidates=True,
+            candidates=not self.causal,
         )
         h = self.encoder(tok.x, tok.offsets, max(tok.max_len, 1), tok.timestamps, tok.num_targets)
         cand, rows = candidate_events(batch)
-        logits = self.head(h[tok.state_index[cand]])
+        # causal: the candidate's item token (its action token follows it, unseen by it)
+        read = tok.state_index[cand] - (1 if self.causal else 0)
+        logits = self.head(h[read])
         if cand.numel() == 0:  # keep every parameter in the graph
             logits = logits + 0.0 * h.sum()
         return logits, cand, rows
 
-    def forward(
-        self,
-        batch: Batch,
-        negatives: torch.Tensor | None = None,
-        neg_log_q: torch.Tensor | None = None,
-    ) -> RankingOutput:
-        """Multi-task loss over all candidates; negatives/neg_log_q are ignored (same call
-        signature as retrieval so the trainer treats both alike)."""
+    def forward(self, batch: Batch) -> RankingOutput:
+        """Multi-task loss over all candidates (the batch's target events)."""
         logits, cand, _ = self.predict(batch)
         labels = self.labels(batch, cand)
         if cand.numel() == 0:

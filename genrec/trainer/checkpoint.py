@@ -9,7 +9,8 @@ A checkpoint is a directory `RUN/checkpoints/step-NNNNNNNN/` holding
   world size, rank r reads the file of rank r mod (old world size).
 
 Writes are atomic: everything goes to `.tmp-step-N` beside the last good checkpoint and is
-renamed into place only after every rank finished; the last `keep_last` are kept.
+renamed into place only after every rank finished; the last `keep_last` are kept (and one
+protected checkpoint: epochs mode's best on validation).
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    return checkpoint_root(run_dir) / f"{PREFIX}{step:08d}"
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
@@ -58,10 +63,12 @@ def save_checkpoint(
     state: dict[str, Any],
     tensors: dict[str, torch.Tensor],
     keep_last: int = 2,
+    protect: Path | None = None,
 ) -> Path:
-    """Collective: every rank calls it. `app_state` holds model/optimizer state dicts."""
+    """Collective: every rank calls it. `app_state` holds model/optimizer state dicts.
+    Of older checkpoints the last `keep_last` are kept, and `protect` (epochs mode's best)."""
     root = checkpoint_root(run_dir)
-    final = root / f"{PREFIX}{step:08d}"
+    final = checkpoint_path(run_dir, step)
     tmp = root / f".tmp-{PREFIX}{step:08d}"
     if _is_main():
         root.mkdir(parents=True, exist_ok=True)
@@ -82,7 +89,8 @@ def save_checkpoint(
             shutil.rmtree(final)
         tmp.rename(final)  # atomic on one file system: readers see all or nothing
         for old in list_checkpoints(run_dir)[: -max(1, keep_last)]:
-            shutil.rmtree(old, ignore_errors=True)
+            if protect is None or old.name != Path(protect).name:
+                shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
 

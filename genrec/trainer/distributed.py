@@ -106,3 +106,22 @@ def all_reduce_(t: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's [n_r, ...] rows concatenated in rank order (n_r may differ by rank).
+
+    The one place host-side metrics gather variable-length tensors (CPU, the default
+    group: gloo here; on a NCCL cluster this is where a gloo side group goes).
+    """
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return t
+    n = torch.tensor([t.shape[0]], dtype=torch.int64)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    most = int(max(int(s) for s in sizes))
+    padded = t.new_zeros((most, *t.shape[1:]))
+    padded[: t.shape[0]] = t
+    parts = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s)] for p, s in zip(parts, sizes)])

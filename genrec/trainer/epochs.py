@@ -25,11 +25,10 @@ import torch
 
 from genrec.data_pipeline.batch import Batch, sequences_from_rows
 from genrec.trainer import checkpoint as ckpt
-from genrec.trainer.distributed import all_reduce_
-from genrec.trainer.loop import StreamTrainer
-from genrec.trainer.progressive import WindowMetrics, hits_and_ndcg
+from genrec.trainer.core import TrainerCore
 
 KS = (5, 10)
+EPOCH_STATE = ("epoch", "best", "best_step", "bad")  # saved in every checkpoint
 
 
 def read_user_sequences(prepared_dir: str | Path) -> pa.Table:
@@ -83,7 +82,11 @@ def _cut(col: pa.ChunkedArray, keep: np.ndarray) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(new_offs), values.take(pa.array(idx)))
 
 
-class EpochTrainer(StreamTrainer):
+class EpochTrainer(TrainerCore):
+    def __init__(self, cfg, ctx, log_metrics: bool = True) -> None:
+        super().__init__(cfg, ctx, log_metrics)
+        self.progress: dict = {"epoch": -1, "best": -math.inf, "best_step": -1, "bad": 0}
+
     def _rank_batches(self, table: pa.Table, shuffle_seed: int | None) -> list[Batch]:
         n = table.num_rows
         order = np.arange(n)
@@ -94,12 +97,10 @@ class EpochTrainer(StreamTrainer):
         out = []
         for s in range(steps):
             rows = order[s * ws * bs : (s + 1) * ws * bs][r::ws]
-            if (
-                rows.size == 0
-            ):  # this rank ran short: a batch with no targets keeps collectives aligned
-                rows, empty = order[:1], True
-            else:
-                empty = False
+            # a rank that ran short gets a batch with no targets: collectives stay aligned
+            empty = rows.size == 0
+            if empty:
+                rows = order[:1]
             b = sequences_from_rows(table.take(pa.array(rows)), self.cfg.model.max_len)
             if empty:
                 b.num_targets.zero_()
@@ -108,32 +109,13 @@ class EpochTrainer(StreamTrainer):
 
     @torch.no_grad()
     def score(self, table: pa.Table) -> dict[str, float]:
-        """Recall/NDCG@K of the model and of the most-popular baseline (training counts,
-        the same history exclusion) on the one target of each row of `table`."""
-        sums = torch.zeros(1 + 4 * len(KS), dtype=torch.float64)
-        self.model.eval()
-        exclude = self.cfg.model.retrieval.exclude_history
+        """The task's metrics (retrieval: recall/NDCG@K of the model and most-popular,
+        full catalog, history excluded; ranking: per task AUC/NE/calibration of the model
+        and the item rate) on the one target of each row of `table`."""
+        metrics = self.task.new_metrics(KS, "", "users")
         for batch in self._rank_batches(table, None):
-            batch = batch.to(self.ctx.device)
-            topk, _, targets = self.model.module.top_k(
-                batch, self.catalog.to(self.ctx.device), max(KS), exclude_history=exclude
-            )
-            topk, targets = topk.cpu(), targets.cpu()
-            pop = self.baseline.top_k(batch.to("cpu"), max(KS), exclude, self.cfg.model.max_len)
-            sums[0] += targets.numel()
-            for i, k in enumerate(KS):
-                for j, ranked in enumerate((topk, pop)):
-                    hr, ndcg = hits_and_ndcg(ranked[:, :k], targets)
-                    sums[1 + 4 * i + 2 * j] += hr
-                    sums[2 + 4 * i + 2 * j] += ndcg
-        all_reduce_(sums)
-        n = max(float(sums[0]), 1.0)
-        out = {"users": float(sums[0])}
-        for i, k in enumerate(KS):
-            for j, prefix in enumerate(("", "most_popular/")):
-                out[f"{prefix}recall@{k}"] = float(sums[1 + 4 * i + 2 * j]) / n
-                out[f"{prefix}ndcg@{k}"] = float(sums[2 + 4 * i + 2 * j]) / n
-        return out
+            self.evaluate(batch.to(self.ctx.device), metrics)
+        return metrics.reduce()
 
     def score_split(self, split: str) -> dict[str, float]:
         """`score` on the leave-one-out `split` ("valid" or "test") of the prepared data."""
@@ -141,61 +123,93 @@ class EpochTrainer(StreamTrainer):
             raise ValueError(f"split {split!r}: epochs mode scores 'valid' or 'test'")
         return self.score(loo_view(read_user_sequences(self.cfg.data.prepared_dir), split))
 
-    def run(self, resume: bool = False, progress: bool = True) -> list[dict]:
+    def train_view(self, train: pa.Table, epoch: int) -> pa.Table:
+        """Retrieval and causal ranking train on every position of the training part.
+        Target-aware ranking's candidates see only the events before them that are not
+        candidates: each epoch cuts every row at a random point (seeded by seed and epoch),
+        the events after it are the candidates."""
+        if self.cfg.model.task != "ranking" or self.cfg.model.ranking.causal:
+            return train  # causal ranking predicts every event from the ones before it
+        n = pc.list_value_length(train.column("item_ids")).to_numpy()
+        rng = np.random.default_rng(self.cfg.trainer.seed * 1000 + epoch + 7)
+        history = np.floor(rng.random(n.size) * (n - 1)).astype(np.int32) + 1
+        return train.set_column(
+            train.schema.get_field_index("num_history"), "num_history", pa.array(history)
+        )
+
+    def progress_state(self) -> dict:
+        return dict(self.progress)
+
+    def load_progress_state(self, state: dict) -> None:
+        self.progress = {k: state[k] for k in EPOCH_STATE if k in state}
+
+    def protected_checkpoint(self) -> Path | None:
+        best = self.progress.get("best_step", -1)
+        return ckpt.checkpoint_path(self.run_dir, best) if best >= 0 else None
+
+    def _finished(self) -> bool:
+        p, t = self.progress, self.cfg.trainer
+        return p["epoch"] + 1 >= t.epochs or p["bad"] >= t.patience
+
+    def run(self, resume: bool = True, progress: bool = True) -> list[dict]:
+        """Epochs until trainer.epochs or trainer.patience validations without improvement,
+        then the best checkpoint scored on test. Every epoch ends with a checkpoint (the
+        best one is kept beside the last `keep_last`), so `resume` continues an interrupted
+        run exactly where it stopped: same shuffles, same steps, same validations."""
         t_start = time.time()
         if self.cfg.trainer.eval_every < 1:
             raise ValueError(f"trainer.eval_every={self.cfg.trainer.eval_every}: must be >= 1")
+        self.progress = {"epoch": -1, "best": -math.inf, "best_step": -1, "bad": 0}
+        self.history = []
+        latest = ckpt.latest_checkpoint(self.run_dir) if resume else None
+        if latest is not None and "epoch" in ckpt.read_state(latest):
+            self.restore(latest)
         table = read_user_sequences(self.cfg.data.prepared_dir)
         train, valid, test = (loo_view(table, s) for s in ("train", "valid", "test"))
-        best, best_step, bad, history = -1.0, -1, 0, []
-        for epoch in range(self.cfg.trainer.epochs):
-            t0 = time.time()
-            metrics_loss, n_loss = 0.0, 0.0
-            wm = WindowMetrics()
-            for batch in self._rank_batches(train, self.cfg.trainer.seed * 1000 + epoch):
-                loss = self.train_step(batch.to(self.ctx.device), wm)
-                self.step += 1
-                metrics_loss, n_loss = metrics_loss + loss, n_loss + 1
-            self.baseline.sync()  # fold this epoch's training counts in on every rank
-            row = {"epoch": epoch, "loss": metrics_loss / max(n_loss, 1)}
-            last = epoch == self.cfg.trainer.epochs - 1
-            val = (
-                self.score(valid)
-                if (epoch + 1) % self.cfg.trainer.eval_every == 0 or last
-                else None
-            )
-            row["seconds"] = time.time() - t0
-            row.update({f"valid/{k}": v for k, v in (val or {}).items()})
-            history.append(row)
-            self.logger.log("epoch", epoch, {k: v for k, v in row.items() if k != "epoch"})
-            if progress and self.ctx.is_main:
-                msg = f"epoch {epoch:>3}  loss {row['loss']:.4f}"
-                if val is not None:
-                    msg += (
-                        f"  valid R@10 {val['recall@10']:.4f}  N@10 {val['ndcg@10']:.4f}  "
-                        f"(most popular {val['most_popular/recall@10']:.4f})"
-                    )
-                # stdout stays free for a caller's one JSON line
-                print(f"{msg}  ({row['seconds']:.1f} s)", file=sys.stderr, flush=True)
-            if val is None:  # not a validation epoch (trainer.eval_every)
-                continue
-            if val["ndcg@10"] > best:
-                best, best_step, bad = val["ndcg@10"], self.step, 0
-                self.history = history
-                self.save()
-            else:
-                bad += 1
-                if bad >= self.cfg.trainer.patience:
-                    break
-        best_path = ckpt.checkpoint_root(self.run_dir) / f"{ckpt.PREFIX}{best_step:08d}"
-        self.restore(best_path)
+        p = self.progress
+        while not self._finished():
+            self.run_epoch(p["epoch"] + 1, train, valid, progress)
+        if p["best_step"] < 0:
+            raise RuntimeError("no validation happened: set trainer.epochs >= 1")
+        self.restore(ckpt.checkpoint_path(self.run_dir, p["best_step"]))
         result = {
-            "best_epoch_step": best_step,
-            "valid": best,
+            "best_epoch_step": p["best_step"],
+            "valid": self.task.selection_sign * p["best"],
             **{f"test/{k}": v for k, v in self.score(test).items()},
             "seconds": time.time() - t_start,  # training and scoring, start-up excluded
         }
-        history.append(result)
-        self.history = history
+        self.history = [*self.history, result]
         self.logger.close()
-        return history
+        return self.history
+
+    def run_epoch(self, epoch: int, train: pa.Table, valid: pa.Table, progress: bool) -> None:
+        """Train one epoch, validate it (every eval_every-th and the last), checkpoint."""
+        t0, t = time.time(), self.cfg.trainer
+        wm = self.new_metrics(KS, "", "users")
+        for batch in self._rank_batches(self.train_view(train, epoch), t.seed * 1000 + epoch):
+            self.train_step(batch.to(self.ctx.device), wm)
+            self.step += 1
+        self.task.sync()  # fold this epoch's training counts in on every rank
+        s = wm.loss
+        row = {"epoch": epoch, "loss": float(s[0] / s[1]) if s[1] > 0 else math.nan}
+        validate = (epoch + 1) % t.eval_every == 0 or epoch == t.epochs - 1
+        val = self.score(valid) if validate else None
+        row["seconds"] = time.time() - t0
+        row.update({f"valid/{k}": v for k, v in (val or {}).items()})
+        self.log("epoch", epoch, {k: v for k, v in row.items() if k != "epoch"})
+        if progress and self.ctx.is_main:
+            msg = f"epoch {epoch:>3}  loss {row['loss']:.4f}"
+            if val is not None:
+                msg += "  valid " + self.task.describe(val)
+            # stdout stays free for a caller's one JSON line
+            print(f"{msg}  ({row['seconds']:.1f} s)", file=sys.stderr, flush=True)
+        p = self.progress
+        p["epoch"] = epoch
+        self.history = [*self.history, row]
+        if val is not None:
+            score = self.task.selection_sign * val[self.task.selection_key]
+            if score > p["best"]:
+                p["best"], p["best_step"], p["bad"] = score, self.step, 0
+            else:
+                p["bad"] += 1
+        self.save()

@@ -1,16 +1,17 @@
 """`genrec evaluate`: score a checkpoint without training, on every rank of the launcher.
 
-epochs mode  Recall/NDCG@5,10 of the model and of most-popular on the leave-one-out "test"
-             (or "valid") targets, full catalog, history excluded: what `EpochTrainer.run`
+epochs mode  the task's metrics on the leave-one-out "test" (or "valid") targets (retrieval:
+             recall/NDCG@5,10 of the model and most-popular, full catalog, history
+             excluded; ranking: per task AUC/NE/calibration and the item rate's): what `EpochTrainer.run`
              reports for its best checkpoint, for any checkpoint (a run stopped by hand,
              an earlier epoch).
 stream mode  per window of `data.windows` (default: every prepared window) the progressive
-             HR@10/NDCG@10 and most-popular's, with the checkpoint's weights and counts
+             metric (recall/NDCG@10 and most-popular's, or per task AUC/NE/calibration), with the checkpoint's weights and counts
              frozen: held-out later windows, or a window scored again by a newer model.
              `trainer.eval_batches` bounds the batches per rank and window as in training.
 
-The checkpoint defaults to the newest one in `trainer.run_dir` (in epochs mode that is the
-best on validation: only improvements are saved). run_dir's metrics files are left alone;
+The checkpoint defaults to the newest one in `trainer.run_dir`, in epochs mode to the best
+on validation that the newest one names. run_dir's metrics files are left alone;
 rank 0 writes the result as JSON to `out`.
 """
 
@@ -40,17 +41,17 @@ def resolve_checkpoint(cfg: Config, checkpoint: str | None) -> Path:
             f"{cfg.trainer.run_dir} holds no checkpoint: train first, point "
             "trainer.run_dir at a run, or pass --checkpoint"
         )
-    return latest
+    best = ckpt.read_state(latest).get("best_step", -1)  # epochs mode: the best on valid
+    return ckpt.checkpoint_path(cfg.trainer.run_dir, best) if best >= 0 else latest
 
 
 def run_evaluation(cfg: Config, ctx: DistContext, checkpoint: str, split: str, out: str) -> dict:
     """The worker side: restore `checkpoint`, score, and (rank 0) write `out`."""
-    from genrec.trainer.epochs import EpochTrainer
-    from genrec.trainer.loop import StreamTrainer
+    from genrec.trainer.loop import build_runner
 
     t0 = time.time()
     epochs = cfg.trainer.mode == "epochs"
-    trainer = (EpochTrainer if epochs else StreamTrainer)(cfg, ctx, log_metrics=False)
+    trainer = build_runner(cfg, ctx, log_metrics=False)
     trainer.restore(Path(checkpoint))
     result: dict = {
         "checkpoint": str(checkpoint),
@@ -68,3 +69,23 @@ def run_evaluation(cfg: Config, ctx: DistContext, checkpoint: str, split: str, o
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=1))
     return result
+
+
+def describe_result(result: dict) -> list[str]:
+    """Human lines of a `run_evaluation` result: one per window (stream mode), or the
+    split's metrics next to their baseline (epochs mode), for retrieval or ranking."""
+    from genrec.trainer.stream_runner import format_row
+    from genrec.trainer.tasks import describe_ranking
+
+    if "windows" in result:
+        return [format_row(row) for row in result["windows"]]
+    s = result["split"]
+    if f"{s}/recall@10" not in result:
+        return [f"{s}: {int(result[f'{s}/users'])} users  " + describe_ranking(result, f"{s}/")]
+    return [
+        f"{s}: {int(result[f'{s}/users'])} users  "
+        + "  ".join(
+            f"{m} {result[f'{s}/{m}']:.4f} (pop {result[f'{s}/most_popular/{m}']:.4f})"
+            for m in ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
+        )
+    ]

@@ -2,10 +2,11 @@
 
 1. generate a small synthetic T-ECD set in T-ECD's own layout;
 2. prepare it into per-user daily sequence shards (Ray job);
-3. train an HSTU retriever in one time-ordered pass on 2 local ranks (gloo), item table
+3. train an HSTU retriever (or, with model.task=ranking, a multi-task ranker) in one
+   time-ordered pass on 2 local ranks (gloo), item table
    row-wise sharded, evaluating every batch before learning from it;
-4. print per-window progressive HR@10 / NDCG@10 next to a most-popular baseline on the
-   same positions, write plots, and say where the checkpoint, metrics and plots are.
+4. print per-window progressive recall@10 / NDCG@10 next to a most-popular baseline on
+   the same positions (ranking: AUC per task next to the item's past positive rate), write plots, and say where the checkpoint, metrics and plots are.
 """
 
 from __future__ import annotations
@@ -20,19 +21,34 @@ from genrec.config import load_config
 CONFIG = "quickstart"  # shipped with the package (genrec/configs/quickstart.yaml)
 
 
-def _table(history: list[dict]) -> str:
-    head = (
-        f"{'window':>6} {'positions':>9} | {'HR@10':>7} {'pop HR@10':>9} | "
-        f"{'NDCG@10':>7} {'pop NDCG@10':>11} | {'loss':>6}"
-    )
-    lines = [head, "-" * len(head)]
+def _table(history: list[dict], tasks: list[str]) -> str:
+    """Retrieval: recall/NDCG@10 next to most-popular; ranking (`tasks`): AUC per task next
+    to the item-rate baseline."""
+    if tasks:
+        pairs = [(f"model/{t}.auc", f"{t} AUC", f"item_rate/{t}.auc", "item rate") for t in tasks]
+    else:
+        pairs = [
+            ("model/recall@10", "R@10", "most_popular/recall@10", "pop R@10"),
+            ("model/ndcg@10", "NDCG@10", "most_popular/ndcg@10", "pop NDCG@10"),
+        ]
+    cols = [c for k1, n1, k2, n2 in pairs for c in ((k1, n1), (k2, n2))]
+    head = f"{'window':>6} {'positions':>9} | " + " ".join(f"{n:>11}" for _, n in cols)
+    lines = [head + f" | {'loss':>6}", "-" * (len(head) + 9)]
     for r in history:
-        lines.append(
-            f"{r['window']:>6} {int(r['positions']):>9} | {r['model/hr@10']:>7.4f} "
-            f"{r['most_popular/hr@10']:>9.4f} | {r['model/ndcg@10']:>7.4f} "
-            f"{r['most_popular/ndcg@10']:>11.4f} | {r['loss']:>6.3f}"
-        )
+        vals = " ".join(f"{r[k]:>11.4f}" for k, _ in cols)
+        lines.append(f"{r['window']:>6} {int(r['positions']):>9} | {vals} | {r['loss']:>6.3f}")
     return "\n".join(lines)
+
+
+def _verdict(history: list[dict], tasks: list[str]) -> str:
+    """How often the model beats its baseline in the later windows."""
+    late = history[len(history) // 2 :]
+    if not tasks:
+        wins = sum(r["model/recall@10"] > r["most_popular/recall@10"] for r in late)
+        return f"HSTU beats most-popular on recall@10 in {wins}/{len(late)} of the later windows."
+    t = tasks[0]
+    wins = sum(r[f"model/{t}.auc"] > r[f"item_rate/{t}.auc"] for r in late)
+    return f"HSTU beats the item rate on {t} AUC in {wins}/{len(late)} of the later windows."
 
 
 def quickstart(workdir: str = "runs/quickstart", overrides: list[str] | None = None) -> int:
@@ -79,7 +95,7 @@ def quickstart(workdir: str = "runs/quickstart", overrides: list[str] | None = N
     )
     print(rep.summary(), flush=True)
     print(
-        f"[3/4] training HSTU retrieval on {cfg.trainer.world_size} local ranks "
+        f"[3/4] training HSTU {cfg.model.task} on {cfg.trainer.world_size} local ranks "
         f"({cfg.sharding.strategy} item table), one pass",
         flush=True,
     )
@@ -88,12 +104,14 @@ def quickstart(workdir: str = "runs/quickstart", overrides: list[str] | None = N
     summary = json.loads((run / "summary.json").read_text())
     history = summary["windows"]
     print("[4/4] progressive evaluation (each window scored before it was trained on):")
-    print(_table(history))
+    rc = cfg.model.ranking
+    tasks = (
+        [t for t in rc.tasks if t not in rc.regression_tasks] if cfg.model.task == "ranking" else []
+    )
+    print(_table(history, tasks))
     plots = plot_run(run)
-    late = history[len(history) // 2 :]
-    wins = sum(r["model/hr@10"] > r["most_popular/hr@10"] for r in late)
     print(
-        f"\nHSTU beats most-popular on HR@10 in {wins}/{len(late)} of the later windows.\n"
+        f"\n{_verdict(history, tasks)}\n"
         f"checkpoint: {run / 'checkpoints'}\nmetrics:    {run / 'metrics.csv'} "
         f"(TensorBoard: {run / 'tb'})\nplots:      {', '.join(str(p) for p in plots)}\n"
         f"took {time.time() - t0:.0f} s"

@@ -15,13 +15,11 @@ from genrec.models.losses import (
 )
 from genrec.models.metrics import (
     auc,
-    hit_rate_at_k,
-    mrr,
-    ndcg_at_k,
+    calibration,
     normalized_entropy,
     ranks_from_topk,
-    recall_at_k,
-    retrieval_metrics,
+    recall_ndcg_sums,
+    task_metrics,
 )
 
 E10, E20, E30 = [1.0, 0.0], [0.0, 1.0], [0.6, 0.8]
@@ -105,20 +103,13 @@ def test_rank_metrics_hand_computed():
     targets = torch.tensor([3, 4, 7])
     ranks = ranks_from_topk(topk, targets)
     assert ranks.tolist() == [2.0, math.inf, 1.0]
-    assert hit_rate_at_k(ranks, 1) == pytest.approx(1 / 3)
-    assert hit_rate_at_k(ranks, 3) == pytest.approx(2 / 3)
-    assert ndcg_at_k(ranks, 3) == pytest.approx((1 / math.log2(3) + 0 + 1) / 3)
-    assert ndcg_at_k(ranks, 1) == pytest.approx(1 / 3)
-    assert mrr(ranks) == pytest.approx((0.5 + 0 + 1) / 3)
-    m = retrieval_metrics(topk, targets, ks=(1, 3))
-    assert m["hr@3"] == pytest.approx(2 / 3) and m["mrr"] == pytest.approx(0.5)
-
-
-def test_recall_hand_computed():
-    topk = torch.tensor([[1, 2, 3], [4, 5, 6]])
-    relevant = [torch.tensor([2, 3, 9]), torch.tensor([7])]
-    assert recall_at_k(topk, relevant, 2) == pytest.approx((1 / 3 + 0) / 2)
-    assert recall_at_k(topk, relevant, 3) == pytest.approx((2 / 3 + 0) / 2)
+    assert recall_ndcg_sums(topk, targets, 1) == pytest.approx((1.0, 1.0))
+    assert recall_ndcg_sums(topk, targets, 3) == pytest.approx((2.0, 1 / math.log2(3) + 1))
+    # rank 2, miss, rank 1 (the stream's progressive metric case)
+    got = recall_ndcg_sums(
+        torch.tensor([[5, 7, 9], [1, 2, 3], [4, 8, 6]]), targets.new_tensor([7, 9, 4]), 3
+    )
+    assert got == pytest.approx((2.0, 1 / math.log2(3) + 1.0))
 
 
 def test_auc_and_ne_hand_computed():
@@ -130,3 +121,16 @@ def test_auc_and_ne_hand_computed():
     # base rate 0.5 has entropy log 2
     ne = normalized_entropy(torch.tensor([0.0, math.log(3)]), torch.tensor([1.0, 0.0]))
     assert ne == pytest.approx(1.5, rel=1e-6)
+
+
+def test_calibration_and_task_metrics_hand_computed():
+    # p = [0.5, 0.75, 0.5], labels [1, 0, 0]: mean p 7/12 over rate 1/3
+    logits = torch.tensor([0.0, math.log(3), 0.0])
+    labels = torch.tensor([1.0, 0.0, 0.0])
+    assert calibration(logits, labels) == pytest.approx((7 / 12) / (1 / 3))
+    assert math.isnan(calibration(logits, torch.zeros(3)))
+    m = task_metrics(logits, labels, regression=False)
+    assert m["auc"] == pytest.approx(0.25)  # the positive ties one negative, loses to one
+    assert set(m) == {"auc", "ne", "calibration"}
+    mse = task_metrics(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 4.0]), regression=True)
+    assert mse == {"mse": pytest.approx(2.5)}

@@ -548,3 +548,32 @@ def test_sasrec_bce_loss_and_gradients_equal_the_reference(use_actions, position
         for rm, om in ref_mod.block_pairs(rb, ob):
             torch.testing.assert_close(om.weight.grad, rm.weight.grad, rtol=1e-4, atol=1e-7)
             torch.testing.assert_close(om.bias.grad, rm.bias.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_causal_ranking_sees_earlier_actions_never_its_own_or_later():
+    """ranking.causal: event t's prediction depends on events < t with their actions and on
+    its own item, never on its own or a later action (HSTU's causal ranking setting)."""
+    torch.manual_seed(0)
+    cfg = small_config(task="ranking", token_mode="interleave")
+    cfg.model.ranking.causal = True
+    model = build_model(cfg).eval()
+    batch = random_batch([7, 5], [5, 5], seed=2)  # every event of row 1, 5 of row 0
+    logits, cand, rows = model.predict(batch)
+    assert cand.tolist() == [2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+    after, _, _ = model.predict(edit(batch, 4, action=3 - int(batch.actions[4])))
+    changed = (after - logits).abs().amax(dim=1)
+    # events 2, 3, 4 (its own action) and row 1 unchanged; 5 and 6 see event 4's action
+    assert float(changed[[0, 1, 2, 5, 6, 7, 8, 9]].max()) < 1e-6
+    assert float(changed[[3, 4]].min()) > 1e-6
+    after, _, _ = model.predict(edit(batch, 4, item=49))
+    assert float((after - logits).abs().amax(dim=1)[2]) > 1e-6  # its own item counts
+    # the last event scored causally == scored as the one candidate after its history,
+    # which is what the exported ranker computes
+    last = random_batch([7, 5], [1, 1], seed=2)
+    model.causal = False
+    as_candidate, _, _ = model.predict(last)
+    torch.testing.assert_close(as_candidate, logits[[4, 9]], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="needs model.token_mode=interleave"):
+        bad = small_config(task="ranking")
+        bad.model.ranking.causal = True
+        build_model(bad)

@@ -9,17 +9,15 @@ import torch
 from genrec.config import RetrievalConfig
 from genrec.data_pipeline.batch import make_batch
 from genrec.embeddings.frequency import CountMinSketch, PopularitySampler
-from genrec.trainer.loop import batch_target_mask
 from genrec.trainer.negatives import NegativeSampler, step_generator
-from genrec.trainer.progressive import PopularityBaseline, WindowMetrics, hits_and_ndcg
-
-
-def test_hits_and_ndcg_hand_computed():
-    topk = torch.tensor([[5, 7, 9], [1, 2, 3], [4, 8, 6]])
-    targets = torch.tensor([7, 9, 4])  # rank 2, miss, rank 1
-    hr, ndcg = hits_and_ndcg(topk, targets)
-    assert hr == 2.0
-    assert math.isclose(ndcg, 1 / math.log2(3) + 1.0, rel_tol=1e-6)
+from genrec.trainer.progressive import (
+    ItemRateBaseline,
+    PopularityBaseline,
+    RankingMetrics,
+    TopKMetrics,
+    WindowMetrics,
+)
+from genrec.trainer.tasks import batch_target_mask
 
 
 def _batch():
@@ -47,15 +45,49 @@ def test_popularity_baseline_excludes_history_and_ranks_by_past_counts():
     # positions: predict 11 after [10]; 12 after [10, 11]; 13 after [12]
     assert top.tolist() == [[12, 14], [12, 14], [10, 14]]
     base.sync()  # single process: delta folds into the shared counts
-    assert base.counts.tolist() == [2.0, 0.0, 3.0, 0.0, 1.0]
+    assert base.counts[:, 0].tolist() == [2.0, 0.0, 3.0, 0.0, 1.0]
     assert base.delta.sum() == 0
 
 
 def test_window_metrics_means():
-    m = WindowMetrics()
-    m.add(count=4, model_hr=2, model_ndcg=1.5, pop_hr=1, pop_ndcg=0.5, loss_sum=8, loss_n=4)
+    m = WindowMetrics(TopKMetrics((2, 3), "model/", "positions"))
+    topk = torch.tensor([[5, 7, 9], [1, 2, 3], [4, 8, 6], [1, 1, 1]])
+    pop = torch.tensor([[8, 8, 7], [8, 8, 8], [8, 8, 8], [8, 8, 8]])
+    m.scores.add(topk, pop, torch.tensor([7, 9, 4, 2]))  # model: rank 2, miss, rank 1, miss
+    m.add_loss(3.0, 2)
+    m.add_loss(1.0, 2)
     r = m.reduce()
-    assert r["model/hr@10"] == 0.5 and r["most_popular/ndcg@10"] == 0.125 and r["loss"] == 2.0
+    assert r["positions"] == 4 and r["loss"] == 2.0
+    assert r["model/recall@2"] == 0.5 and r["model/recall@3"] == 0.5
+    assert math.isclose(r["model/ndcg@2"], (1 / math.log2(3) + 1) / 4)
+    assert r["most_popular/recall@2"] == 0.0 and r["most_popular/recall@3"] == 0.25
+    assert math.isclose(r["most_popular/ndcg@3"], 0.5 / 4)
+
+
+def test_item_rate_baseline_and_ranking_metrics_hand_computed():
+    base = ItemRateBaseline(torch.tensor([10, 11, 12]), num_tasks=2)
+    base.update(torch.tensor([10, 10, 11, 99]), torch.tensor([[1, 1], [1, 0], [0, 0], [1, 1]]))
+    # item 99 is outside the catalog: not counted; global rates 2/3 and 1/3
+    rates = base.rates(torch.tensor([10, 11, 12]))
+    want = torch.tensor(
+        [[(2 + 2 / 3) / 3, (1 + 1 / 3) / 3], [(2 / 3) / 2, (1 / 3) / 2], [2 / 3, 1 / 3]],
+        dtype=torch.float64,
+    )
+    torch.testing.assert_close(rates, want)
+    m = RankingMetrics(["click", "cart"], [False, False], "model/", "positions")
+    logits = torch.tensor([[2.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [0.5, 0.0]])
+    labels = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [1.0, 0.0]])
+    m.add(logits[:2], labels[:2], torch.full((2, 2), 0.5))
+    m.add(logits[2:], labels[2:], torch.tensor([[0.2, 0.1], [0.9, 0.1]]))
+    r = m.reduce()
+    assert r["positions"] == 4
+    # click: positives score 2.0, 0.5; negatives 1.0, -1.0: 3 of 4 pairs ordered
+    assert r["model/click.auc"] == 0.75
+    assert r["model/cart.auc"] == 0.5  # all logits tie
+    # baseline click: positives 0.5, 0.9; negatives 0.5, 0.2: 3.5 of 4
+    assert r["item_rate/click.auc"] == 0.875
+    want_cal = float(torch.sigmoid(logits[:, 0]).mean()) / 0.5
+    assert math.isclose(r["model/click.calibration"], want_cal, rel_tol=1e-6)
 
 
 def test_negative_sampler_mixture_log_q():
@@ -97,7 +129,7 @@ def test_metrics_log_resume_drops_rows_after_the_checkpoint(tmp_path):
     log = MetricsLogger(tmp_path)
     for step in (1, 2, 3, 4):
         log.log("step", step, {"loss": float(step)})
-    log.log("window", 4, {"model/hr@10": 0.5}, window=7)
+    log.log("window", 4, {"model/recall@10": 0.5}, window=7)
     log.resume_at(2)  # the run died after step 4; its checkpoint was at step 2
     log.log("step", 3, {"loss": 30.0})
     log.close()
@@ -108,3 +140,14 @@ def test_metrics_log_resume_drops_rows_after_the_checkpoint(tmp_path):
         (3, 30.0),
     ]
     assert not [r for r in rows if r["kind"] == "window"]
+
+
+def test_ranking_rows_are_described_under_every_prefix():
+    from genrec.trainer.tasks import describe_ranking
+
+    stream = {"model/click.auc": 0.61, "item_rate/click.auc": 0.55, "model/click.ne": 0.9}
+    split = {"test/like.auc": 0.8, "test/item_rate/like.auc": 0.7, "test/users": 3.0}
+    epoch = {"like.auc": 0.8, "item_rate/like.auc": 0.7}
+    assert describe_ranking(stream, "model/") == "click AUC 0.6100 (item rate 0.5500)"
+    assert describe_ranking(split, "test/") == "like AUC 0.8000 (item rate 0.7000)"
+    assert describe_ranking(epoch) == "like AUC 0.8000 (item rate 0.7000)"

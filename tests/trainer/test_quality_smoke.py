@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from genrec.config import load_config
 from genrec.trainer.launch import train
@@ -188,3 +189,38 @@ def test_sasrec_bce_validates_every_nth_epoch(tmp_path, toys_prepared):
     assert final["valid"] == best["valid/ndcg@10"]
     assert final["best_epoch_step"] == steps_per_epoch * (best["epoch"] + 1)
     assert final["test/users"] == USERS
+
+
+def test_epochs_resume_equals_uninterrupted(tmp_path, toys_prepared):
+    """An epochs run stopped after 2 of 3 epochs and resumed ends with the weights, the
+    validation rows and the test metrics of the uninterrupted 3-epoch run."""
+    from tests.trainer.helpers import final_model_state
+
+    _, prepared = toys_prepared
+    small = ("trainer.batch_size=128", "model.num_layers=1", "trainer.patience=5")
+    full = _train(prepared, tmp_path / "full", "trainer.epochs=3", *small)
+    _train(prepared, tmp_path / "resumed", "trainer.epochs=2", *small)
+    cfg = load_config(
+        ROOT / "genrec" / "configs" / "amazon_toys.yaml",
+        [
+            f"data.prepared_dir={prepared}",
+            f"trainer.run_dir={tmp_path / 'resumed'}",
+            "trainer.epochs=3",
+            *small,
+        ],
+    )
+    train(cfg, resume=True)
+    resumed = json.loads((tmp_path / "resumed" / "summary.json").read_text())["windows"]
+    assert [r["epoch"] for r in resumed[:-1]] == [0, 1, 2]
+    for a, b in zip(full[:-1], resumed[:-1]):
+        for key in a:
+            if key.startswith("valid/") or key == "loss":
+                assert a[key] == pytest.approx(b[key], abs=1e-9), (a["epoch"], key)
+    for key, value in full[-1].items():
+        if key.startswith("test/") or key in ("valid", "best_epoch_step"):
+            assert resumed[-1][key] == pytest.approx(value, abs=1e-9), key
+    w_full, s_full = final_model_state(tmp_path / "full")
+    w_res, s_res = final_model_state(tmp_path / "resumed")
+    assert s_full["step"] == s_res["step"] and s_full["epoch"] == s_res["epoch"] == 2
+    for k in w_full:
+        torch.testing.assert_close(w_res[k], w_full[k], rtol=0, atol=0, msg=k)

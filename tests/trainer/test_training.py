@@ -88,7 +88,7 @@ def _load_at_world(rank: int, world_size: int, path: str) -> dict:
     """Build the trainer at this world size, restore `path`, return the gathered weights."""
     from genrec.config import from_dict
     from genrec.trainer.distributed import context_from_initialized
-    from genrec.trainer.loop import StreamTrainer
+    from genrec.trainer.stream_runner import StreamTrainer
 
     state = ckpt.read_state(path)
     cfg = from_dict(state["config"])
@@ -131,8 +131,7 @@ def _first_step_updates(rank: int, world_size: int, base: str) -> dict:
 
     from genrec.data_pipeline.batch import sequences_from_rows
     from genrec.trainer.distributed import context_from_initialized
-    from genrec.trainer.loop import StreamTrainer
-    from genrec.trainer.progressive import WindowMetrics
+    from genrec.trainer.stream_runner import StreamTrainer
 
     first_window = sorted((Path(base) / "prepared").glob("window=*"))[0]
     rows = pads.dataset(str(first_window), format="parquet").head(16)
@@ -141,7 +140,7 @@ def _first_step_updates(rank: int, world_size: int, base: str) -> dict:
         cfg = _cfg(Path(base), f"warmup{warmup}", f"trainer.warmup_steps={warmup}")
         trainer = StreamTrainer(cfg, context_from_initialized("cpu"))
         before = {k: v.detach().clone() for k, v in _local_weights(trainer).items()}
-        trainer.train_step(sequences_from_rows(rows, cfg.model.max_len), WindowMetrics())
+        trainer.train_step(sequences_from_rows(rows, cfg.model.max_len), trainer.window_metrics())
         out[warmup] = {k: v - before[k] for k, v in _local_weights(trainer).items()}
         trainer.logger.close()
     return out
@@ -261,13 +260,18 @@ def test_evaluate_scores_a_window_like_the_progressive_metric(prepared):
     assert [r["window"] for r in got["windows"]] == [window["window"]]
     row = got["windows"][0]
     assert row["positions"] == window["positions"] > 0
-    for key in ("model/hr@10", "model/ndcg@10", "most_popular/hr@10", "most_popular/ndcg@10"):
+    for key in (
+        "model/recall@10",
+        "model/ndcg@10",
+        "most_popular/recall@10",
+        "most_popular/ndcg@10",
+    ):
         assert row[key] == pytest.approx(window[key], abs=1e-9), key
     # and the newest checkpoint scores the same window differently: it has learned from it
     newer = evaluate(cfg)["windows"][0]
     assert newer["positions"] == row["positions"]
-    assert (newer["model/hr@10"], newer["model/ndcg@10"]) != (
-        row["model/hr@10"],
+    assert (newer["model/recall@10"], newer["model/ndcg@10"]) != (
+        row["model/recall@10"],
         row["model/ndcg@10"],
     )
 
@@ -280,3 +284,42 @@ def test_evaluate_without_a_checkpoint_says_what_to_do(tmp_path):
         resolve_checkpoint(cfg, None)
     with pytest.raises(FileNotFoundError, match="is not a genrec checkpoint"):
         resolve_checkpoint(cfg, str(tmp_path))
+
+
+def _warm_start(rank: int, world_size: int, base: str, source: str) -> dict:
+    """A new run built with trainer.init_from=`source`: its weights before the first step,
+    and after one step."""
+    import pyarrow.dataset as pads
+
+    from genrec.data_pipeline.batch import sequences_from_rows
+    from genrec.trainer.distributed import context_from_initialized
+    from genrec.trainer.loop import build_runner
+
+    cfg = _cfg(Path(base), "warm", f"trainer.init_from={source}")
+    trainer = build_runner(cfg, context_from_initialized("cpu"))
+    fresh = {k: v.detach().clone() for k, v in _local_weights(trainer).items()}
+    trainer.init_from(Path(cfg.trainer.init_from))
+    before = {k: v.detach().clone() for k, v in _local_weights(trainer).items()}
+    first_window = sorted((Path(base) / "prepared").glob("window=*"))[0]
+    rows = pads.dataset(str(first_window), format="parquet").head(16)
+    trainer.train_step(sequences_from_rows(rows, cfg.model.max_len), trainer.window_metrics())
+    after = {k: v.detach().clone() for k, v in _local_weights(trainer).items()}
+    trainer.logger.close()
+    return {"fresh": fresh, "before": before, "after": after, "step": trainer.step}
+
+
+def test_init_from_starts_from_the_checkpoint_weights(runs):
+    """--init-from: the new run's first step starts from the source checkpoint's weights
+    (not the seed's init), with a fresh step counter, and then trains on."""
+    expected, _ = final_model_state(runs / "full")
+    path = str(ckpt.latest_checkpoint(runs / "full"))
+    out = run_on_ranks(_warm_start, world_size=1, args=(str(runs), path))[0]
+    assert out["step"] == 0
+    changed = 0
+    for k, v in out["before"].items():
+        key = k.replace("_dmp_wrapped_module.", "")
+        torch.testing.assert_close(v, expected[key], rtol=0, atol=0, msg=k)
+        changed += int(not torch.equal(v, out["fresh"][k]))
+    assert changed > 0  # the checkpoint is not the fresh init
+    moved = [k for k in out["before"] if not torch.equal(out["before"][k], out["after"][k])]
+    assert any("encoder" in k for k in moved), moved

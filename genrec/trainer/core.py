@@ -1,0 +1,201 @@
+"""The trainer core: model, optimizers, task, step counter, checkpoints. No mode, no task.
+
+`TrainerCore(cfg, ctx)` assembles the sharded model (assembly.py) and the task object for
+model.task (tasks.py) and owns what every mode shares:
+
+  train_step(batch, metrics)   one optimizer step on the task's loss; randomness is a pure
+                               function of (seed, step, rank), so resumed == uninterrupted
+  evaluate(batch, scores)      the task scores a batch with the current weights (no grad)
+  save() / restore(path)       model + optimizer (DCP, any world size), the task's host
+                               tensors per rank, and the runner's progress (`progress_state`)
+  init_from(path)              model weights only, from another run (warm start)
+  check_replicas()             dense data-parallel replicas must agree across ranks
+
+Runners (stream.py: one time-ordered pass; epochs.py: leave-one-out epochs) subclass it and
+add only their loop; `loop.run_worker` picks one by trainer.mode. Each stage of a step is a
+method labelled with `torch.profiler.record_function`, so a profile reads like the code:
+genrec.read_batch, genrec.evaluate, genrec.train_step, genrec.log, genrec.checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+from torch.profiler import record_function
+
+from genrec.config import Config, to_dict
+from genrec.trainer import checkpoint as ckpt
+from genrec.trainer.assembly import assemble
+from genrec.trainer.distributed import DistContext, all_reduce_
+from genrec.trainer.metrics_log import MetricsLogger
+from genrec.trainer.negatives import step_generator
+from genrec.trainer.progressive import WindowMetrics
+from genrec.trainer.tasks import build_task
+
+
+def load_catalog(prepared_dir: str | Path) -> torch.Tensor:
+    path = Path(prepared_dir) / "items.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: run `genrec prepare` on the raw data first "
+            f"(it writes the item catalog beside the sequence shards)"
+        )
+    ids = torch.as_tensor(pq.read_table(path, columns=["item_id"]).column(0).to_numpy().copy())
+    return torch.sort(ids.to(torch.int64)).values
+
+
+class TrainerCore:
+    def __init__(self, cfg: Config, ctx: DistContext, log_metrics: bool = True) -> None:
+        """`log_metrics=False`: leave run_dir's metrics files alone (evaluating a run)."""
+        self.cfg, self.ctx = cfg, ctx
+        self.run_dir = Path(cfg.trainer.run_dir)
+        self.catalog = load_catalog(cfg.data.prepared_dir)
+        parts = assemble(cfg, ctx)
+        self.model, self.optimizer = parts.model, parts.optimizer
+        self.dense_optimizer, self.dense_params = parts.dense_optimizer, parts.dense_params
+        self.task = build_task(cfg, self.model, self.catalog, ctx.device)
+        self.step = 0
+        self._saved_step = -1
+        self.history: list[dict] = []  # per-window / per-epoch rows
+        self.logger = MetricsLogger(self.run_dir, enabled=ctx.is_main and log_metrics)
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if cfg.trainer.bf16 and ctx.device.type == "cuda"
+            else nullcontext()
+        )
+
+    def new_metrics(self, ks: tuple[int, ...], model_prefix: str, count_key: str):
+        return WindowMetrics(self.task.new_metrics(ks, model_prefix, count_key))
+
+    # ------------------------------------------------------------------ state
+    def progress_state(self) -> dict:
+        """The runner's position (stream offset, epoch, ...), saved in the checkpoint."""
+        return {}
+
+    def load_progress_state(self, state: dict) -> None:
+        pass
+
+    def protected_checkpoint(self) -> Path | None:
+        """A checkpoint that pruning must keep (epochs mode: the best on validation)."""
+        return None
+
+    def _app_state(self) -> dict:
+        return {"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}
+
+    def save(self) -> Path:
+        with record_function("genrec.checkpoint"):
+            state = {
+                "step": self.step,
+                "world_size": self.ctx.world_size,
+                "history": self.history,
+                "config": to_dict(self.cfg),
+                **self.progress_state(),
+            }
+            self._saved_step = self.step
+            return ckpt.save_checkpoint(
+                self.run_dir,
+                self.step,
+                self._app_state(),
+                state,
+                self.task.state_tensors(),
+                keep_last=self.cfg.trainer.keep_last,
+                protect=self.protected_checkpoint(),
+            )
+
+    def restore(self, path: Path) -> None:
+        app = self._app_state()
+        ckpt.load_sharded(path, app)
+        self.model.load_state_dict(app["model"])
+        self.optimizer.load_state_dict(app["optim"])
+        state = ckpt.read_state(path)
+        self.task.load_state_tensors(
+            ckpt.read_tensors(path, self.ctx.rank, int(state["world_size"]))
+        )
+        self.step = self._saved_step = int(state["step"])
+        self.logger.resume_at(self.step)
+        self.history = list(state.get("history", []))
+        self.load_progress_state(state)
+
+    def has_checkpoint(self) -> bool:
+        return ckpt.latest_checkpoint(self.run_dir) is not None
+
+    def init_from(self, path: Path) -> None:
+        """Warm start: the model weights of checkpoint `path` (any world size, same model
+        config); optimizer state, step, task state and progress start fresh."""
+        if not (Path(path) / ckpt.STATE_FILE).is_file():
+            raise FileNotFoundError(
+                f"--init-from {path}: not a genrec checkpoint (no {ckpt.STATE_FILE}); pass a "
+                f"directory {ckpt.PREFIX}NNNNNNNN under a run's checkpoints"
+            )
+        app = {"model": self.model.state_dict()}
+        ckpt.load_sharded(path, app)
+        self.model.load_state_dict(app["model"])
+
+    # ------------------------------------------------------------------ stages
+    @torch.no_grad()
+    def evaluate(self, batch, scores) -> None:
+        """Score `batch` into `scores`, the task's accumulator (WindowMetrics.scores)."""
+        with record_function("genrec.evaluate"):
+            self.model.eval()
+            with self.autocast:
+                self.task.evaluate(batch, scores)
+
+    def _set_learning_rates(self) -> None:
+        """Both learning rates for this step: a pure function of the step (exact resume)."""
+        t = self.cfg.trainer
+        scale = min(1.0, (self.step + 1) / t.warmup_steps) if t.warmup_steps > 0 else 1.0
+        for group in self.model.fused_optimizer.param_groups:
+            group["lr"] = t.sparse_lr * scale
+        # the fused kernels update inside backward with the rate they were last given;
+        # TorchRec's fused optimizers hand param_groups' lr to them on zero_grad/step
+        self.model.fused_optimizer.zero_grad()
+        for group in self.dense_optimizer.param_groups:
+            group["lr"] = t.lr * scale
+
+    def train_step(self, batch, metrics: WindowMetrics) -> float:
+        """One optimizer step on `batch`; returns the loss (its mean over targets)."""
+        with record_function("genrec.train_step"):
+            self.model.train()
+            self._set_learning_rates()
+            seed, rank = self.cfg.trainer.seed, self.ctx.rank
+            torch.manual_seed(seed * 7919 + self.step * 131 + rank)  # dropout, pool picks
+            with self.autocast:
+                loss, n = self.task.loss(batch, step_generator(seed, self.step, rank))
+            loss.backward()
+            if self.cfg.trainer.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.dense_params, self.cfg.trainer.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            value = float(loss.detach())
+            metrics.add_loss(value, float(n))
+            return value
+
+    def log(self, kind: str, x: int, values: dict, window: int = -1) -> None:
+        with record_function("genrec.log"):
+            self.logger.log(kind, x, values, window)
+
+    def check_replicas(self) -> None:
+        """Dense parameters are data-parallel: every rank must hold the same values."""
+        with torch.no_grad():
+            total = torch.stack([p.detach().double().sum() for p in self.dense_params]).sum()
+        lo = all_reduce_(total.clone().cpu(), dist.ReduceOp.MIN)
+        hi = all_reduce_(total.clone().cpu(), dist.ReduceOp.MAX)
+        if not torch.isclose(lo, hi, rtol=1e-9, atol=1e-9):
+            raise RuntimeError(
+                f"dense replicas diverged across ranks (param sums {float(lo)} vs {float(hi)}): "
+                "gradients are not being averaged; check the data-parallel wrapper"
+            )
+
+    def write_summary(self, history: list[dict]) -> None:
+        if self.ctx.is_main:
+            (self.run_dir / "summary.json").write_text(
+                json.dumps(
+                    {"steps": self.step, "windows": history, "world_size": self.ctx.world_size},
+                    indent=1,
+                )
+            )

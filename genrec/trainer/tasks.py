@@ -1,0 +1,218 @@
+"""Tasks: what the trainer core trains and scores, behind one interface.
+
+The core (core.py) knows neither the mode nor the task; it calls a `Task`:
+
+  loss(batch, rng)        the step's loss (a scalar with grad) and how many targets it
+                          covers; a task keeps its own bookkeeping here (retrieval: item
+                          frequencies for its negative sampler and baseline)
+  new_metrics(...)        an accumulator of the task's progressive metrics
+  evaluate(batch, m)      score `batch` with the current weights into `m` (before training)
+  sync()                  fold the ranks' running state together (window / epoch end)
+  state_tensors()         host state to checkpoint beside the model; load_state_tensors
+  selection_key           the validation metric epochs mode selects on (selection_sign)
+  describe(row, prefix)   one short line of a metrics row, for progress output
+
+`TASKS` maps model.task onto a class, as models/build.py maps it onto a model.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+from genrec.config import Config
+from genrec.data_pipeline.batch import Batch
+from genrec.embeddings.frequency import CountMinSketch, PopularitySampler
+from genrec.models.ranking import candidate_events
+from genrec.models.retrieval import target_events
+from genrec.trainer.negatives import NegativeSampler
+from genrec.trainer.progressive import (
+    ItemRateBaseline,
+    PopularityBaseline,
+    RankingMetrics,
+    TopKMetrics,
+)
+
+
+class Task(Protocol):
+    selection_key: str
+    selection_sign: float  # +1: higher is better
+
+    def loss(self, batch: Batch, rng: torch.Generator) -> tuple[torch.Tensor, int]: ...
+    def new_metrics(self, ks: tuple[int, ...], model_prefix: str, count_key: str): ...
+    def evaluate(self, batch: Batch, metrics) -> None: ...
+    def sync(self) -> None: ...
+    def state_tensors(self) -> dict[str, torch.Tensor]: ...
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None: ...
+    def describe(self, row: dict, prefix: str = "") -> str: ...
+
+
+def batch_target_mask(batch: Batch) -> torch.Tensor:
+    """Bool mask over tokens: True for target events (each event counted once, as a target)."""
+    lengths = batch.lengths.cpu()
+    first = lengths - batch.num_targets.cpu()
+    offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+    local = torch.arange(int(lengths.sum())) - torch.repeat_interleave(offsets[:-1], lengths)
+    return local >= torch.repeat_interleave(first, lengths)
+
+
+class RetrievalTask:
+    """Next-item retrieval: sampled (or full) softmax against the catalog; progressive
+    recall/NDCG@K against most-popular. Owns its negative sampler's frequency state."""
+
+    selection_key = "ndcg@10"
+    selection_sign = 1.0
+
+    def __init__(self, cfg: Config, model, catalog: torch.Tensor, device: torch.device) -> None:
+        self.cfg, self.model, self.catalog, self.device = cfg, model, catalog, device
+        self.rc = cfg.model.retrieval
+        fc = cfg.embeddings.frequency
+        seed = cfg.trainer.seed
+        self.sketch = CountMinSketch(fc.depth, fc.width, conservative=False, seed=seed)
+        self.sketch_delta = CountMinSketch(fc.depth, fc.width, conservative=False, seed=seed)
+        self.popular = PopularitySampler(capacity=65536, seed=seed)
+        self.baseline = PopularityBaseline(catalog)
+        # one negative per target position (SASRec's BCE) instead of a shared pool
+        self.per_position = self.rc.loss == "bce" and self.rc.bce_negatives == "per_position"
+
+    def _negatives(self, batch: Batch, rng: torch.Generator):
+        if self.rc.full_softmax:  # exact softmax: the catalog is the set
+            return self.catalog, torch.zeros(self.catalog.numel())
+        s = self.sketch
+        merged = CountMinSketch(s.depth, s.width, conservative=False, seed=s.seed)
+        merged.merge_(s).merge_(self.sketch_delta)
+        sampler = NegativeSampler(self.rc, self.catalog, merged, self.popular)
+        num = int(target_events(batch)[0].numel()) if self.per_position else None
+        return sampler.sample(rng, num)
+
+    def loss(self, batch: Batch, rng: torch.Generator) -> tuple[torch.Tensor, int]:
+        items = batch.item_ids.cpu()[batch_target_mask(batch)]  # each event once, as a target
+        self.sketch_delta.update(items)
+        self.popular.add(items)
+        negatives, neg_log_q = self._negatives(batch, rng)
+        out = self.model(batch, negatives.to(self.device), neg_log_q.to(self.device))
+        # the baseline is scored before this batch's loss and learns from it after
+        self.baseline.update(items)
+        return out.loss, int(out.num_targets)
+
+    def new_metrics(self, ks: tuple[int, ...], model_prefix: str, count_key: str):
+        return TopKMetrics(ks, model_prefix, count_key)
+
+    def evaluate(self, batch: Batch, metrics: TopKMetrics) -> None:
+        k = max(metrics.ks)
+        topk, _, targets = self.model.module.top_k(
+            batch, self.catalog.to(self.device), k, exclude_history=self.rc.exclude_history
+        )
+        pop = self.baseline.top_k(
+            batch.to("cpu"), k, self.rc.exclude_history, self.cfg.model.max_len
+        )
+        metrics.add(topk.cpu(), pop, targets.cpu())
+
+    def sync(self) -> None:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            self.sketch_delta.all_reduce_()
+        self.sketch.merge_(self.sketch_delta)
+        self.sketch_delta.counters.zero_()
+        self.sketch_delta.total.zero_()
+        self.baseline.sync()
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for prefix, obj in (
+            ("sketch", self.sketch),
+            ("sketch_delta", self.sketch_delta),
+            ("popular", self.popular),
+        ):
+            out.update({f"{prefix}.{k}": torch.as_tensor(v) for k, v in obj.state_dict().items()})
+        out["baseline.counts"] = self.baseline.counts
+        out["baseline.delta"] = self.baseline.delta
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for prefix, obj in (
+            ("sketch", self.sketch),
+            ("sketch_delta", self.sketch_delta),
+            ("popular", self.popular),
+        ):
+            obj.load_state_dict(_part(tensors, prefix))
+        self.baseline.counts.copy_(tensors["baseline.counts"])
+        self.baseline.delta.copy_(tensors["baseline.delta"])
+
+    def describe(self, row: dict, prefix: str = "") -> str:
+        return (
+            f"R@10 {row[prefix + 'recall@10']:.4f}  N@10 {row[prefix + 'ndcg@10']:.4f}  "
+            f"(most popular {row['most_popular/recall@10']:.4f})"
+        )
+
+
+class RankingTask:
+    """Multi-task ranking of each sequence's candidates (its target events): BCE / MSE per
+    task; progressive AUC, NE and calibration per task against the item-rate baseline."""
+
+    def __init__(self, cfg: Config, model, catalog: torch.Tensor, device: torch.device) -> None:
+        self.cfg, self.model, self.device = cfg, model, device
+        rc = cfg.model.ranking
+        self.tasks = list(rc.tasks)
+        self.regression = [t in rc.regression_tasks for t in self.tasks]
+        binary = [t for t, r in zip(self.tasks, self.regression) if not r]
+        # the first binary task's AUC; with regression tasks only, the first one's MSE
+        self.selection_key = f"{binary[0]}.auc" if binary else f"{self.tasks[0]}.mse"
+        self.selection_sign = 1.0 if binary else -1.0
+        self.baseline = ItemRateBaseline(catalog, len(self.tasks))
+
+    def loss(self, batch: Batch, rng: torch.Generator) -> tuple[torch.Tensor, int]:
+        out = self.model(batch)
+        cand, _ = candidate_events(batch)
+        self.baseline.update(batch.item_ids[cand].cpu(), out.labels.detach().cpu())
+        return out.loss, int(out.num_targets)
+
+    def new_metrics(self, ks: tuple[int, ...], model_prefix: str, count_key: str):
+        return RankingMetrics(self.tasks, self.regression, model_prefix, count_key)
+
+    def evaluate(self, batch: Batch, metrics: RankingMetrics) -> None:
+        module = self.model.module
+        logits, cand, _ = module.predict(batch)
+        labels = module.labels(batch, cand)
+        metrics.add(logits.cpu(), labels.cpu(), self.baseline.rates(batch.item_ids[cand].cpu()))
+
+    def sync(self) -> None:
+        self.baseline.sync()
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"item_rate.counts": self.baseline.counts, "item_rate.delta": self.baseline.delta}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.baseline.counts.copy_(tensors["item_rate.counts"])
+        self.baseline.delta.copy_(tensors["item_rate.delta"])
+
+    def describe(self, row: dict, prefix: str = "") -> str:
+        return describe_ranking(row, prefix)
+
+
+def describe_ranking(row: dict, prefix: str = "") -> str:
+    """`task AUC x (item rate y)` for every task with an AUC in `row`; the model's keys
+    start with `prefix` ("model/" in stream rows, "test/" in an evaluation, "" in epoch
+    rows), the baseline's with the same prefix less "model/"."""
+    root = prefix[: -len("model/")] if prefix.endswith("model/") else prefix
+    parts = []
+    for key in row:
+        if key.startswith(prefix) and key.endswith(".auc") and "/" not in key[len(prefix) :]:
+            task = key[len(prefix) : -len(".auc")]
+            parts.append(
+                f"{task} AUC {row[key]:.4f} (item rate {row[f'{root}item_rate/{task}.auc']:.4f})"
+            )
+    return "  ".join(parts)
+
+
+def _part(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+TASKS = {"retrieval": RetrievalTask, "ranking": RankingTask}
+
+
+def build_task(cfg: Config, model, catalog: torch.Tensor, device: torch.device) -> Task:
+    """The task object for model.task around the (DMP-wrapped) model."""
+    return TASKS[cfg.model.task](cfg, model, catalog, device)
