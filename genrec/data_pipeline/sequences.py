@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from genrec.data_pipeline import schemas
+from genrec.data_pipeline.shard_index import index_window
 from genrec.data_pipeline.sources import get_source
 from genrec.data_pipeline.validation import BadRows, DataError
 
@@ -155,6 +156,8 @@ def prepare(
             rows_w[w] = rows_w.get(w, 0) + r
             events_w[w] = events_w.get(w, 0) + e
     windows = sorted(rows_w)
+    for w in windows:
+        index_window(out_dir, w, ROW_GROUP_ROWS)
     report = PrepareReport(
         source=source,
         out_dir=out_dir,
