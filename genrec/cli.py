@@ -76,6 +76,9 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         max_len=args.max_len,
         on_bad_rows=args.on_bad_rows,
         ray_address=args.ray_address,
+        task_mb=args.task_mb,
+        files_per_window=args.files_per_window,
+        row_group_rows=args.row_group_rows,
     )
     print(report.summary())
     return 0
@@ -196,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, default=50)
     p.add_argument("--on-bad-rows", choices=["error", "skip"], default="error")
     p.add_argument("--ray-address", default="")
+    p.add_argument("--task-mb", type=float, default=512, help="memory per task (sets buckets)")
+    p.add_argument("--files-per-window", type=int, default=4, help="most files per window")
+    p.add_argument(
+        "--row-group-rows", type=int, default=32, help="rows per row group (divides batch size)"
+    )
     p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser("plan", help="print (and save) the sharding plan and memory per rank")

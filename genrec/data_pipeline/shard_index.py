@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -188,37 +188,61 @@ def int_context_columns(schema: pa.Schema) -> tuple[str, ...]:
 # --------------------------------------------------------------------------- writing
 
 
-def index_window(prepared_dir: str, window: int, row_group_rows: int) -> WindowIndex:
-    """Build and write window=W/_index.json from its files' footers (at prepare time)."""
+def write_window_index(
+    prepared_dir: str,
+    window: int,
+    files: list[tuple[str, int, dict | None]],
+    row_group_rows: int,
+    context: tuple[str, ...],
+) -> WindowIndex:
+    """Write window=W/_index.json from (file name, rows, its first event or None), name order;
+    the filler is the first file's first event."""
     wdir = Path(prepared_dir) / window_dir(window)
-    files = sorted(p.name for p in wdir.glob("part-*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"{wdir}: no part-*.parquet files; {FIX}")
-    metas = [pq.read_metadata(wdir / f) for f in files]
-    context = int_context_columns(metas[0].schema.to_arrow_schema())
+    files = sorted(files)
+    tokens = [t for _, _, t in files if t is not None]
+    zero = {"item_ids": 0, "actions": 0, "timestamps": 0, "user_id": 0}
+    filler = tokens[0] if tokens else {**zero, "context": dict.fromkeys(context, 0)}
     index = WindowIndex(
-        window, str(wdir), tuple(files), tuple(m.num_rows for m in metas), row_group_rows, context
+        window,
+        str(wdir),
+        tuple(f for f, _, _ in files),
+        tuple(int(n) for _, n, _ in files),
+        row_group_rows,
+        tuple(context),
+        filler,
     )
-    for i, (f, m) in enumerate(zip(files, metas)):
-        check_file(str(wdir / f), m, index, i)
-    index = replace(index, filler=_first_event(index))
     tmp = wdir / (INDEX_FILE + ".tmp")
     tmp.write_text(json.dumps(index.to_dict()))
     tmp.replace(wdir / INDEX_FILE)
     return index
 
 
-def _first_event(index: WindowIndex) -> dict:
-    """The first event of the window's first usable row (zeros if it has none)."""
-    for f in index.files:
-        pf = pq.ParquetFile(Path(index.directory) / f)
-        for g in range(pf.metadata.num_row_groups):
-            rows = SequenceRows(pf.read_row_group(g), 1, index.context, skip_bad=True)
-            tok = rows.first_token(0, rows.num_rows)
-            if tok is not None:
-                return tok
-    zero = {"item_ids": 0, "actions": 0, "timestamps": 0, "user_id": 0}
-    return {**zero, "context": dict.fromkeys(index.context, 0)}
+def index_window(prepared_dir: str, window: int, row_group_rows: int) -> WindowIndex:
+    """Build window=W/_index.json from its files' footers (shards written outside prepare)."""
+    wdir = Path(prepared_dir) / window_dir(window)
+    names = sorted(p.name for p in wdir.glob("part-*.parquet"))
+    if not names:
+        raise FileNotFoundError(f"{wdir}: no part-*.parquet files; {FIX}")
+    metas = [pq.read_metadata(wdir / f) for f in names]
+    context = int_context_columns(metas[0].schema.to_arrow_schema())
+    index = WindowIndex(
+        window, str(wdir), tuple(names), tuple(m.num_rows for m in metas), row_group_rows, context
+    )
+    for i, (f, m) in enumerate(zip(names, metas)):
+        check_file(str(wdir / f), m, index, i)
+    files = [(f, n, _first_event(wdir / f, context)) for f, n in zip(names, index.file_rows)]
+    return write_window_index(prepared_dir, window, files, row_group_rows, context)
+
+
+def _first_event(path: Path, context: tuple[str, ...]) -> dict | None:
+    """The first event of a file's first usable row (None if it has none)."""
+    pf = pq.ParquetFile(path)
+    for g in range(pf.metadata.num_row_groups):
+        rows = SequenceRows(pf.read_row_group(g), 1, context, skip_bad=True)
+        tok = rows.first_token(0, rows.num_rows)
+        if tok is not None:
+            return tok
+    return None
 
 
 def write_meta(prepared_dir: str, meta: dict) -> None:

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from genrec.data_pipeline import schemas, sequences
+from genrec.data_pipeline.shard_index import load_window_index
 from genrec.data_pipeline.sources import get_source, iter_events
 from genrec.data_pipeline.synthetic import generate
 
@@ -59,7 +60,7 @@ def _read_shards(out: str, context: tuple) -> dict:
         table = pq.read_table(path)
         assert table.schema == schemas.sequences_schema(context)
         users = table["user_id"].to_pylist()
-        assert users == sorted(users) and len(set(users)) == len(users)
+        assert len(set(users)) == len(users)
         window = int(re.search(r"window=(\d+)", path).group(1))
         for r in table.to_pylist():
             assert r["window"] == window
@@ -69,13 +70,31 @@ def _read_shards(out: str, context: tuple) -> dict:
     return rows
 
 
-@pytest.mark.parametrize("rows_per_bucket", [1_000_000, 700])
+def _check_layout(out: str, files_per_window: int, group: int) -> None:
+    """<= files_per_window files per window, fixed row groups, an index that matches them."""
+    meta = json.load(open(os.path.join(out, schemas.META_FILE)))
+    for w in meta["windows"]:
+        index = load_window_index(out, w, meta["rows_per_window"][str(w)])
+        paths = sorted(glob.glob(os.path.join(out, schemas.window_dir(w), "part-*.parquet")))
+        assert [os.path.basename(p) for p in paths] == list(index.files)
+        assert 1 <= len(paths) <= files_per_window and index.row_group_rows == group
+        for p, rows in zip(paths, index.file_rows):
+            md = pq.read_metadata(p)
+            sizes = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
+            assert sum(sizes) == rows and all(n == group for n in sizes[:-1])
+            assert 0 < sizes[-1] <= group
+
+
+@pytest.mark.parametrize("task_mb,files_per_window", [(512, 4), (0.05, 3)])
 def test_prepare_tecd_matches_recomputation(
-    ray_local, tecd_raw, tmp_path, monkeypatch, rows_per_bucket
+    ray_local, tecd_raw, tmp_path, task_mb, files_per_window
 ):
-    monkeypatch.setattr(sequences, "ROWS_PER_BUCKET", rows_per_bucket)
     out = str(tmp_path / "prepared")
-    report = sequences.prepare("tecd", tecd_raw, out, window="day", max_len=7)
+    report = sequences.prepare(
+        "tecd", tecd_raw, out, window="day", max_len=7, task_mb=task_mb,
+        files_per_window=files_per_window, row_group_rows=4,
+    )  # fmt: skip
+    _check_layout(out, files_per_window, 4)
     context = get_source("tecd").context
     expected = _expected("tecd", tecd_raw, 86400, 7)
     got = _read_shards(out, context)
@@ -86,7 +105,8 @@ def test_prepare_tecd_matches_recomputation(
         == total
         == sum(1 for b in iter_events(get_source("tecd"), tecd_raw) for _ in range(b.num_rows))
     )
-    assert report.buckets == -(-report.events // rows_per_bucket)  # no bad rows: est = events
+    assert report.buckets == sequences.bucket_count(report.events, task_mb)  # est = events
+    assert (report.buckets > 1) == (task_mb < 1)
     meta = json.load(open(os.path.join(out, schemas.META_FILE)))
     assert meta["windows"] == sorted({w for _, w in expected})
     per_window = Counter()
