@@ -79,6 +79,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         task_mb=args.task_mb,
         files_per_window=args.files_per_window,
         row_group_rows=args.row_group_rows,
+        append=args.append,
     )
     print(report.summary())
     return 0
@@ -204,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--row-group-rows", type=int, default=32, help="rows per row group (divides batch size)"
     )
+    p.add_argument("--append", action="store_true", help="add new days (--in) to an existing --out")
     p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser("plan", help="print (and save) the sharding plan and memory per rank")

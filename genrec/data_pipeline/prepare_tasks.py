@@ -33,7 +33,7 @@ from genrec.data_pipeline import schemas
 from genrec.data_pipeline.batch import SequenceRows
 from genrec.data_pipeline.shard_index import int_context_columns
 from genrec.data_pipeline.sources import get_source
-from genrec.data_pipeline.validation import BadRows
+from genrec.data_pipeline.validation import BadRows, DataError
 
 SEQ_SHIFT = 40  # tie-break key: fragment index << 40 | row inside the fragment
 BYTES_PER_EVENT = 200  # a cut task's peak memory per event (columns, sort, take copies)
@@ -91,9 +91,17 @@ def read_bucket(paths: list[str], bucket: int, num_buckets: int) -> pa.Table | N
 
 
 def partition_task(
-    source: str, frag, mode: str, seconds: int, buckets: int, tmp: str, task_mb: float
+    source: str,
+    frag,
+    mode: str,
+    seconds: int,
+    buckets: int,
+    tmp: str,
+    task_mb: float,
+    first_fragment: int = 0,
 ) -> dict:
-    """Events of one fragment -> part/f-FFFFFF.arrow, bucketed by user."""
+    """Events of one fragment -> part/f-FFFFFF.arrow, bucketed by user. `first_fragment`
+    numbers an append's fragments after the prepared ones (file order breaks time ties)."""
     src = get_source(source)
     bad = BadRows(mode)
     schema = src.schema.append(pa.field("window", pa.int64())).append(pa.field("seq", pa.int64()))
@@ -112,7 +120,11 @@ def partition_task(
             n = batch.num_rows
             ts = batch.column("timestamp").to_numpy()
             win = np.full(n, frag.window, np.int64) if frag.row_ordered else ts // seconds
-            seq = (np.int64(frag.index) << SEQ_SHIFT) + seen + np.arange(n, dtype=np.int64)
+            seq = (
+                (np.int64(first_fragment + frag.index) << SEQ_SHIFT)
+                + seen
+                + np.arange(n, dtype=np.int64)
+            )
             seen += n
             run.append(
                 pa.RecordBatch.from_arrays(
@@ -142,17 +154,51 @@ def cut_rows(user: np.ndarray, window: np.ndarray, max_len: int):
 
 
 def cut_task(
-    bucket: int, buckets: int, tmp: str, max_len: int, context: tuple, item_buckets: int
+    bucket: int,
+    buckets: int,
+    tmp: str,
+    max_len: int,
+    context: tuple,
+    item_buckets: int,
+    tail_dir: str = "",
+    after: int | None = None,
 ) -> dict:
-    """One user bucket -> its (user, window) rows, one batch per window (cut/b-KKKKK.arrow)."""
+    """One user bucket -> its (user, window) rows, one batch per window (cut/b-KKKKK.arrow),
+    and each user's last `max_len` events (tail/b-KKKKK.arrow, the state `--append` reads).
+
+    With `tail_dir` (append), the bucket's stored tail precedes the new events, only rows of
+    windows after `after` are cut, and only the new events are counted as items."""
     table = read_bucket(glob.glob(os.path.join(tmp, "part", "*.arrow")), bucket, buckets)
+    tail_path = os.path.join(tail_dir, f"b-{bucket:05d}.arrow") if tail_dir else ""
+    old = None
+    if tail_path and os.path.exists(tail_path):
+        with pa.memory_map(tail_path) as src:
+            old = ipc.open_file(src).read_all()
+    if table is not None and after is not None:
+        early = int(np.count_nonzero(table.column("window").to_numpy() <= after))
+        if early:
+            raise DataError(
+                tail_dir,
+                f"{early} new events fall in windows <= {after}, the last prepared one",
+                fix="append only days after the prepared ones, or prepare all days afresh",
+            )
+    n_old = 0 if old is None else old.num_rows
+    if old is not None:
+        new = None if table is None else table.select(old.column_names)
+        table = old if new is None else pa.concat_tables([old.cast(new.schema), new])
     if table is None:
         return {"windows": {}, "users": 0}
     cols = {c: table.column(c).to_numpy() for c in table.column_names}
+    is_new = np.arange(table.num_rows) >= n_old
     del table
     order = np.lexsort((cols["seq"], cols["timestamp"], cols["user_id"]))
     cols = {c: v[order] for c, v in cols.items()}
+    is_new = is_new[order]
     start, end, hist = cut_rows(cols["user_id"], cols["window"], max_len)
+    _write_tail(cols, max(max_len, 1), os.path.join(tmp, "tail", f"b-{bucket:05d}.arrow"))
+    if after is not None:
+        keep = cols["window"][start] > after
+        start, end, hist = start[keep], end[keep], hist[keep]
     row_window = cols["window"][start]
     schema = schemas.sequences_schema(context)
     stats: dict[int, tuple[int, int]] = {}
@@ -180,7 +226,7 @@ def cut_task(
     with ipc.new_file(path, schema.with_metadata(meta)) as f:
         for b in batches:
             f.write_batch(b)
-    items, counts = np.unique(cols["item_id"], return_counts=True)
+    items, counts = np.unique(cols["item_id"][is_new], return_counts=True)
     item_table = pa.table(
         {"item_id": items, "count": counts.astype(np.int64)}, schema=schemas.ITEMS
     )
@@ -190,6 +236,20 @@ def cut_task(
     out.close()
     users = int(np.count_nonzero(np.r_[True, np.diff(cols["user_id"]) != 0]))
     return {"windows": stats, "users": users}
+
+
+def _write_tail(cols: dict, max_len: int, path: str) -> None:
+    """Each user's last `max_len` events (cols sorted by user, time) as one IPC file."""
+    user = cols["user_id"]
+    n = user.size
+    new_user = np.r_[True, user[1:] != user[:-1]]
+    user_end = np.r_[np.flatnonzero(new_user)[1:], n]
+    last = np.repeat(user_end, np.diff(np.r_[np.flatnonzero(new_user), n]))
+    keep = np.arange(n) >= last - max_len
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    table = pa.table({c: v[keep] for c, v in cols.items()})
+    with ipc.new_file(path, table.schema) as f:
+        f.write_table(table)
 
 
 def write_task(

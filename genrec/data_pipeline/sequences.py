@@ -30,6 +30,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
@@ -43,6 +44,7 @@ from genrec.data_pipeline.prepare_tasks import (
 )
 from genrec.data_pipeline.shard_index import (
     int_context_columns,
+    read_meta,
     write_meta,
     write_window_index,
 )
@@ -52,6 +54,7 @@ from genrec.data_pipeline.validation import BadRows, DataError
 WINDOW_SECONDS = {"day": 86_400, "week": 7 * 86_400}
 ITEMS_FILE = schemas.ITEMS_FILE
 TMP_DIR = "_prepare_tmp"
+TAIL_DIR = "_tail"  # per user bucket: each user's last max_len events (the --append state)
 
 
 @dataclass
@@ -113,8 +116,13 @@ def prepare(
     task_mb: float = 512,
     files_per_window: int = 4,
     row_group_rows: int = 32,
+    append: bool = False,
 ) -> PrepareReport:
-    """Events of `source` under `in_dir` -> sequence shards under `out_dir` (see module doc)."""
+    """Events of `source` under `in_dir` -> sequence shards under `out_dir` (see module doc).
+
+    `append`: `in_dir` holds only new days, after the windows `out_dir` already has; their
+    windows are added, reading the users' stored tails (_tail/) instead of the old days.
+    The result equals preparing all days at once, row for row."""
     from genrec.ray_runtime import ray_session
 
     start = time.perf_counter()
@@ -133,14 +141,20 @@ def prepare(
             "no readable events (every file was skipped)",
             fix="check the files listed in the skip report",
         )
+    old = _append_base(out_dir, source, window, max_len, row_group_rows) if append else None
     est = sum(f.num_rows if f.num_rows >= 0 else os.path.getsize(f.path) // 8 for f in frags)
-    buckets = bucket_count(est, task_mb)
+    buckets = old["buckets"] if old else bucket_count(est, task_mb)
     slots = min(files_per_window, buckets)
+    first_fragment = old["fragments"] if old else 0
+    after = old["windows"][-1] if old and old["windows"] else None
+    tail_in = os.path.join(out_dir, TAIL_DIR) if old else ""
     row_ordered = any(f.row_ordered for f in frags)
     if row_ordered and str(window) != "week" and source == "vk_lsvd":
         print(f"prepare: {source} has no timestamps; windows are its weeks", file=sys.stderr)
-    _clear_outputs(out_dir)
+    if old is None:
+        _clear_outputs(out_dir)
     tmp = os.path.join(out_dir, TMP_DIR)
+    shutil.rmtree(tmp, ignore_errors=True)
     ctx = tuple(src.context)
     schema = schemas.sequences_schema(ctx)
     try:
@@ -152,7 +166,9 @@ def prepare(
             )
             results = _run(
                 [
-                    part.remote(source, f, on_bad_rows, seconds, buckets, tmp, task_mb)
+                    part.remote(
+                        source, f, on_bad_rows, seconds, buckets, tmp, task_mb, first_fragment
+                    )
                     for f in frags
                 ],
                 "prepare: partition",
@@ -161,7 +177,10 @@ def prepare(
             for r in results:
                 bad.merge(BadRows(on_bad_rows, rows=r["bad_rows"], files=r["bad_files"]))
             stats = _run(
-                [cut.remote(b, buckets, tmp, max_len, ctx, buckets) for b in range(buckets)],
+                [
+                    cut.remote(b, buckets, tmp, max_len, ctx, buckets, tail_in, after)
+                    for b in range(buckets)
+                ],
                 "prepare: sequences",
                 buckets,
             )
@@ -172,19 +191,25 @@ def prepare(
                 slots,
             )
             refs = [count.remote(k, buckets, buckets, tmp) for k in range(buckets)]
-            num_items = _write_items(refs, os.path.join(out_dir, ITEMS_FILE))
+            items_path = os.path.join(out_dir, ITEMS_FILE)
+            old_items = pq.read_table(items_path) if old else None
+            num_items = _write_items(refs, items_path, old_items)
+        shutil.rmtree(os.path.join(out_dir, TAIL_DIR), ignore_errors=True)
+        os.replace(os.path.join(tmp, "tail"), os.path.join(out_dir, TAIL_DIR))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    rows_w: dict[int, int] = {}
-    events_w: dict[int, int] = {}
+    rows_w = {int(w): n for w, n in (old or {}).get("rows_per_window", {}).items()}
+    events_w = {int(w): n for w, n in (old or {}).get("events_per_window", {}).items()}
     for s in stats:
         for w, (r, e) in s["windows"].items():
             rows_w[w] = rows_w.get(w, 0) + r
             events_w[w] = events_w.get(w, 0) + e
-    windows = sorted(rows_w)
-    for w in windows:
+    for w in sorted({w for s in stats for w in s["windows"]}):
         files = [(f"part-{f:05d}.parquet", *written[f][w]) for f in range(slots) if w in written[f]]
         write_window_index(out_dir, w, files, row_group_rows, int_context_columns(schema))
+    windows = sorted(rows_w)
+    if old:
+        bad.merge(BadRows(on_bad_rows, rows=old["bad_rows"], files=old["skipped_files"]))
     report = PrepareReport(
         source=source,
         out_dir=out_dir,
@@ -203,7 +228,7 @@ def prepare(
     meta = {
         "format": 2,
         "source": source,
-        "in_dir": os.path.abspath(in_dir),
+        "in_dirs": (old or {}).get("in_dirs", []) + [os.path.abspath(in_dir)],
         "window": str(window),
         "window_seconds": None if row_ordered else seconds,
         "timestamps": "order" if row_ordered else "seconds",
@@ -220,6 +245,7 @@ def prepare(
         "bad_rows": report.bad_rows,
         "skipped_files": report.skipped_files,
         "buckets": buckets,
+        "fragments": first_fragment + len(frags),
         "task_mb": task_mb,
         "files_per_window": slots,
         "row_group_rows": row_group_rows,
@@ -227,6 +253,26 @@ def prepare(
     }
     write_meta(out_dir, meta)
     return report
+
+
+def _append_base(out_dir: str, source: str, window: str, max_len: int, group: int) -> dict:
+    """The prepared set an append extends; its settings must match this run's."""
+    meta = read_meta(out_dir)
+    want = {"source": source, "window": str(window), "max_len": max_len, "row_group_rows": group}
+    diff = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
+    if meta.get("format") != 2 or not os.path.isdir(os.path.join(out_dir, TAIL_DIR)):
+        raise DataError(
+            out_dir,
+            "has no user tails (_tail/) to append to",
+            fix="prepare all days once without --append (this genrec writes the tails)",
+        )
+    if diff:
+        raise DataError(
+            out_dir,
+            f"was prepared with other settings {{key: (prepared, now)}} {diff}",
+            fix="append with the prepared settings, or prepare all days afresh",
+        )
+    return meta
 
 
 # --------------------------------------------------------------------------- driver helpers
@@ -253,19 +299,35 @@ def _run(refs: list, desc: str, total: int) -> list:
     return [done[r] for r in refs]
 
 
-def _write_items(refs: list, path: str) -> int:
+def _write_items(refs: list, path: str, old: pa.Table | None = None) -> int:
+    """items.parquet from the item tasks' tables (plus the old counts on append)."""
     import ray
 
-    writer = pq.ParquetWriter(path, schemas.ITEMS)
+    tables = [old] if old is not None else []
+    if old is None:
+        writer = pq.ParquetWriter(path, schemas.ITEMS)
     total = 0
     try:
         for ref in tqdm(refs, desc="prepare: items", file=sys.stderr, disable=None):
             table = ray.get(ref)
-            writer.write_table(table)
-            total += table.num_rows
+            if old is None:
+                writer.write_table(table)
+                total += table.num_rows
+            else:
+                tables.append(table)
     finally:
-        writer.close()
-    return total
+        if old is None:
+            writer.close()
+    if old is None:
+        return total
+    summed = pa.concat_tables(tables).group_by("item_id").aggregate([("count", "sum")])
+    out = pa.table(
+        {"item_id": summed.column("item_id"), "count": summed.column("count_sum")},
+        schema=schemas.ITEMS,
+    ).sort_by("item_id")
+    pq.write_table(out, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return out.num_rows
 
 
 def _clear_outputs(out_dir: str) -> None:
@@ -274,5 +336,6 @@ def _clear_outputs(out_dir: str) -> None:
     for name in (schemas.META_FILE, ITEMS_FILE):
         if os.path.exists(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
-    for d in glob.glob(os.path.join(out_dir, "window=*")) + [os.path.join(out_dir, TMP_DIR)]:
+    extra = [os.path.join(out_dir, TMP_DIR), os.path.join(out_dir, TAIL_DIR)]
+    for d in glob.glob(os.path.join(out_dir, "window=*")) + extra:
         shutil.rmtree(d, ignore_errors=True)

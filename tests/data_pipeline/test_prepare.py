@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import re
+import shutil
 from collections import Counter, defaultdict
 
 import pyarrow.parquet as pq
@@ -15,6 +16,7 @@ from genrec.data_pipeline import schemas, sequences
 from genrec.data_pipeline.shard_index import load_window_index
 from genrec.data_pipeline.sources import get_source, iter_events
 from genrec.data_pipeline.synthetic import generate
+from genrec.data_pipeline.validation import DataError
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +161,39 @@ def test_window_spec():
     assert sequences.window_seconds("3600") == 3600
     with pytest.raises(ValueError, match="window"):
         sequences.window_seconds("month")
+
+
+def _split_days(raw: str, dest: str, days: range) -> str:
+    """A copy of `raw` with only the daily event files `days` (item tables kept)."""
+    shutil.copytree(raw, dest, ignore=shutil.ignore_patterns("*.pq"))
+    for path in glob.glob(os.path.join(raw, "**", "*.pq"), recursive=True):
+        rel = os.path.relpath(path, raw)
+        day = re.search(r"events/(\d+)\.pq$", rel)
+        if day is None or int(day.group(1)) in days:
+            shutil.copy(path, os.path.join(dest, rel))
+    return dest
+
+
+def test_append_equals_full_prepare(ray_local, tecd_raw, tmp_path):
+    kw = dict(window="day", max_len=7, task_mb=0.2, files_per_window=3, row_group_rows=4)
+    full = str(tmp_path / "full")
+    sequences.prepare("tecd", tecd_raw, full, **kw)
+    old = _split_days(tecd_raw, str(tmp_path / "old_days"), range(0, 10))
+    new = _split_days(tecd_raw, str(tmp_path / "new_days"), range(10, 14))
+    out = str(tmp_path / "appended")
+    sequences.prepare("tecd", old, out, **kw)
+    shutil.rmtree(old)  # the append cannot read the old days: they are gone
+    report = sequences.prepare("tecd", new, out, append=True, **kw)
+    context = get_source("tecd").context
+    assert _read_shards(out, context) == _read_shards(full, context)  # row for row
+    _check_layout(out, 3, 4)
+    m_full, m_out = (json.load(open(os.path.join(d, schemas.META_FILE))) for d in (full, out))
+    for key in ("windows", "rows_per_window", "events_per_window", "num_rows", "num_events",
+                "num_users", "num_items"):  # fmt: skip
+        assert m_out[key] == m_full[key], key
+    assert report.users == m_full["num_users"] and len(m_out["in_dirs"]) == 2
+    items = [pq.read_table(os.path.join(d, schemas.ITEMS_FILE)).to_pydict() for d in (full, out)]
+    counts = [dict(zip(i["item_id"], i["count"])) for i in items]
+    assert counts[0] == counts[1] and sum(counts[0].values()) == m_full["num_events"]
+    with pytest.raises(DataError, match="windows <= "):  # days already prepared
+        sequences.prepare("tecd", new, out, append=True, **kw)
