@@ -168,6 +168,7 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=10, help="synthetic windows")
     p.add_argument("--mean-len", type=int, default=50, help="synthetic mean row length")
     p.add_argument("--row-group-rows", type=int, default=64, help="synthetic row groups")
+    p.add_argument("--rows-per-file", type=int, default=0, help="0: 1024 row groups")
     p.add_argument("--batch-size", type=int, default=128, help="rows per rank per step")
     p.add_argument("--max-len", type=int, default=50)
     p.add_argument("--shuffle-buffer", type=int, default=0)
@@ -183,7 +184,7 @@ def main() -> None:
             write_sequence_shards(
                 data_dir,
                 rows,
-                rows_per_file=1024 * a.row_group_rows,
+                rows_per_file=a.rows_per_file or 1024 * a.row_group_rows,
                 row_group_rows=a.row_group_rows,
             )
         files = files_of(data_dir)

@@ -82,6 +82,11 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         append=args.append,
     )
     print(report.summary())
+    if args.vocab_min_count > 0:
+        from genrec.data_pipeline.vocabulary import write_item_vocabulary
+
+        v = write_item_vocabulary(args.out, args.vocab_min_count, args.vocab_overflow_rows)
+        print(f"item vocabulary: {v.ids.size:,} ids + {v.overflow_rows:,} overflow rows")
     return 0
 
 
@@ -206,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--row-group-rows", type=int, default=32, help="rows per row group (divides batch size)"
     )
     p.add_argument("--append", action="store_true", help="add new days (--in) to an existing --out")
+    p.add_argument(
+        "--vocab-min-count", type=int, default=0, help="write vocab/item_id.parquet (0: none)"
+    )
+    p.add_argument("--vocab-overflow-rows", type=int, default=1024)
     p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser("plan", help="print (and save) the sharding plan and memory per rank")
