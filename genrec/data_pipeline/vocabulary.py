@@ -3,6 +3,7 @@ hashed overflow rows.
 
     vocab = Vocabulary.from_counts(ids, counts, min_count=2, overflow_rows=1024, feature="item_id")
     rows = vocab.rows(raw_ids)        # int64 numpy, each in [0, vocab.num_rows)
+    rows = vocab.rows_torch(raw_ids)  # the same rows from torch ops (traceable for export)
     vocab.write(prepared_dir)         # PREPARED/vocab/item_id.parquet (id, count; row = position)
 
 Rows 0..V-1 hold the V ids counted at least `min_count` times, most frequent first (ties:
@@ -23,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from genrec.data_pipeline.schemas import ITEMS_FILE
-from genrec.embeddings.hashing import feature_seed, hash_ids_np
+from genrec.embeddings.hashing import feature_seed, hash_ids, hash_ids_np
 
 VOCAB_DIR = "vocab"
 VOCAB_SCHEMA = pa.schema(
@@ -86,6 +88,18 @@ class Vocabulary:
         over = self.ids.size + hash_ids_np(raw, seed, self.overflow_rows)
         return np.where(known, self._row_of_sorted[at_c] if self._sorted.size else 0, over)
 
+    def rows_torch(self, raw: torch.Tensor) -> torch.Tensor:
+        """`rows` in torch ops (searchsorted + the torch hash): the model-side twin that an
+        embedding table of kind vocab and the exported program use; tests pin equality."""
+        return vocab_rows_torch(
+            raw,
+            torch.from_numpy(self._sorted).to(raw.device),
+            torch.from_numpy(self._row_of_sorted).to(raw.device),
+            self.ids.size,
+            self.overflow_rows,
+            feature_seed(self.feature, 0, self.hash_version),
+        )
+
     # ---- files
     def path(self, prepared_dir: str) -> Path:
         return Path(prepared_dir) / VOCAB_DIR / f"{self.feature}.parquet"
@@ -129,6 +143,26 @@ class Vocabulary:
         if vocab.num_rows != int(meta["num_rows"]):
             raise ValueError(f"{path}: {vocab.num_rows} rows, metadata says {meta['num_rows']}")
         return vocab
+
+
+def vocab_rows_torch(
+    raw: torch.Tensor,
+    sorted_ids: torch.Tensor,
+    row_of_sorted: torch.Tensor,
+    num_own: int,
+    overflow_rows: int,
+    seed: int,
+) -> torch.Tensor:
+    """Raw int64 ids (any shape) -> rows: `row_of_sorted[i]` where `sorted_ids[i] == id`,
+    else `num_own + hash(id) % overflow_rows`."""
+    raw = raw.to(torch.int64)
+    over = num_own + hash_ids(raw, seed, overflow_rows)
+    if sorted_ids.numel() == 0:
+        return over
+    at = torch.searchsorted(sorted_ids, raw)
+    at_c = at.clamp(max=sorted_ids.numel() - 1)
+    known = (at < sorted_ids.numel()) & (sorted_ids[at_c] == raw)
+    return torch.where(known, row_of_sorted[at_c], over)
 
 
 def write_item_vocabulary(

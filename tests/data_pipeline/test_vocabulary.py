@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from genrec.data_pipeline.schemas import ITEMS, ITEMS_FILE
 from genrec.data_pipeline.vocabulary import Vocabulary, write_item_vocabulary
@@ -27,6 +28,15 @@ def test_rows_by_frequency_min_count_and_overflow(tmp_path):
     assert ((rows >= 0) & (rows < v.num_rows)).all()
     again = Vocabulary.read(str(tmp_path), "item_id")  # what training/export/serving load
     assert np.array_equal(again.rows(raw), rows) and again.num_rows == v.num_rows
+    assert again.rows_torch(torch.from_numpy(raw)).tolist() == rows.tolist()  # model side
+
+
+def test_torch_rows_equal_numpy_rows_on_many_ids():
+    rng = np.random.default_rng(0)
+    ids = rng.choice(1 << 62, 5000, replace=False).astype(np.int64)
+    v = Vocabulary.from_counts(ids, rng.zipf(1.3, ids.size), min_count=2, overflow_rows=97)
+    raw = np.r_[ids, rng.integers(-(1 << 62), 1 << 62, 5000)]
+    assert np.array_equal(v.rows_torch(torch.from_numpy(raw)).numpy(), v.rows(raw))
 
 
 def test_missing_or_foreign_vocabulary_fails_naming_the_file(tmp_path):
