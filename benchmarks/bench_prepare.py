@@ -91,7 +91,7 @@ def main() -> None:
     p.add_argument("--num-cpus", type=int, default=0, help="Ray CPUs (0: this machine's)")
     p.add_argument("--task-mb", type=float, default=512)
     p.add_argument("--files-per-window", type=int, default=4)
-    p.add_argument("--row-group-rows", type=int, default=32)
+    p.add_argument("--row-group-rows", type=int, default=64)
     p.add_argument("--work", default="", help="scratch parent dir (default: system temp)")
     args = p.parse_args()
 

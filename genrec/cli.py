@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-mb", type=float, default=512, help="memory per task (sets buckets)")
     p.add_argument("--files-per-window", type=int, default=4, help="most files per window")
     p.add_argument(
-        "--row-group-rows", type=int, default=32, help="rows per row group (divides batch size)"
+        "--row-group-rows", type=int, default=64, help="rows per row group (divides batch size)"
     )
     p.add_argument("--append", action="store_true", help="add new days (--in) to an existing --out")
     p.add_argument(

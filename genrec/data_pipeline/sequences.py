@@ -115,7 +115,7 @@ def prepare(
     ray_address: str = "",
     task_mb: float = 512,
     files_per_window: int = 4,
-    row_group_rows: int = 32,
+    row_group_rows: int = 64,
     append: bool = False,
 ) -> PrepareReport:
     """Events of `source` under `in_dir` -> sequence shards under `out_dir` (see module doc).
