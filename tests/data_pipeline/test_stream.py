@@ -316,3 +316,13 @@ def test_one_rank_resumes_on_four(tmp_path, shuffle):
     assert row_users(head) + row_users(interleaved) == row_users(full)
     got = targets(head + interleaved)
     assert sorted(got) == sorted(all_targets(rows)) and len(got) == len(set(got))
+
+
+def test_ray_reader_is_a_config_error_naming_the_fix():
+    from genrec.config import ConfigError, load_config
+
+    with pytest.raises(
+        ConfigError, match=r"data.reader: 'ray' was removed; set data.reader: local"
+    ):
+        load_config(None, ["data.reader=ray"])
+    assert load_config("configs/tecd.yaml").data.reader == "local"
