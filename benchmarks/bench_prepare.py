@@ -3,9 +3,11 @@
     python benchmarks/bench_prepare.py --events 10000000          # the 2-core figure
     python benchmarks/bench_prepare.py --events 200000 --in DIR   # reuse generated data
 
-Peak RSS is reported for the driver (getrusage) and for the whole process tree (the driver
-plus the Ray processes it started), sampled from /proc every 0.2 s. Everything is written
-into a temporary directory that is removed afterwards; prints one JSON line.
+Peak RSS is reported for the driver (getrusage), for the largest single process and for the
+whole process tree (the driver plus the Ray processes it started), sampled from /proc every
+0.2 s, with the most files under the output directory open at once in the tree; files per
+window come from the indexes. Everything is written into a temporary directory (`--work`)
+that is removed afterwards; prints one JSON line.
 """
 
 from __future__ import annotations

@@ -350,10 +350,16 @@ def open_stream(
             f"which is not among the streamed windows {wanted}"
         )
     rows = window_rows(meta, prepared_dir)
+    uncounted = [w for w in wanted if w not in rows]
+    if uncounted:
+        raise ValueError(
+            f"{prepared_dir}/_meta.json: windows {uncounted} have no rows_per_window entry; "
+            "re-run `genrec prepare`"
+        )
     context = load_window_index(prepared_dir, wanted[0]).context if wanted else ()
     return SequenceStream(
         cfg,
-        {w: rows.get(w, 0) for w in wanted},
+        {w: rows[w] for w in wanted},
         rank,
         world_size,
         batch_size,
