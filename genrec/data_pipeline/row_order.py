@@ -1,15 +1,20 @@
 """A window's global row order, defined over units (row groups) so any range is computable.
 
-Units are the window's row groups in file order (shard_index.WindowIndex.units). The
-order is the same on every rank and for every world size:
+Units are the window's row groups (shard_index.WindowIndex.units); all of them hold
+G = row_group_rows rows except each file's last ("short" units). The order is the same on
+every rank and for every world size:
 
-- `shuffle_buffer = 0`: units in file order, rows in file order;
-- `shuffle_buffer = S > 0`: units are cut into consecutive blocks of K = max(1, S // G)
-  units (G = row_group_rows); each block's full units are permuted by a generator seeded
-  with (seed, window, 0, block), its short units (file ends) follow in file order, and each
-  unit's rows are permuted by a generator seeded with (seed, window, 1, unit).
-  A row therefore moves less than max(S, G) + G places, and no state is needed to find
-  the row at any position.
+- `shuffle_buffer = 0`: the full units in file order, then the short units in file order;
+  rows in file order;
+- `shuffle_buffer = S > 0`: the full units are cut into consecutive blocks of
+  K = max(1, S // G) units, each block permuted by a generator seeded with
+  (seed, window, 0, block); the short units follow in file order; each unit's rows are
+  permuted by a generator seeded with (seed, window, 1, unit).
+
+Short units go last so that every full unit starts at a multiple of G: when G divides the
+batch size, each rank's slice of a step is whole units and no unit is shared by two ranks
+(only the window's last few steps, over the short units, can share). No state is needed to
+find the row at any position.
 
 `pieces(lo, hi)` names the units and in-unit ranges that hold global positions [lo, hi),
 so a rank reads only the row groups under its own positions.
@@ -33,23 +38,17 @@ class WindowOrder:
     def __init__(self, index: WindowIndex, shuffle_buffer: int, seed: int):
         self.index, self.seed, self.shuffled = index, seed, shuffle_buffer > 0
         self.unit_file, self.unit_group, self.unit_rows = index.units()
-        n = self.unit_rows.size
+        full = self.unit_rows == index.row_group_rows
+        full_ids, short_ids = np.flatnonzero(full), np.flatnonzero(~full)
         if self.shuffled:
             k = max(1, shuffle_buffer // index.row_group_rows)
-            full = self.unit_rows == index.row_group_rows
-            blocks = [np.arange(b, min(b + k, n)) for b in range(0, n, k)]
-            self.order = np.concatenate(
-                [self._block_order(i, u, full[u]) for i, u in enumerate(blocks)]
+            blocks = [full_ids[b : b + k] for b in range(0, full_ids.size, k)]
+            full_ids = np.concatenate(
+                [self._rng(0, i).permutation(u) for i, u in enumerate(blocks)]
                 or [np.zeros(0, np.int64)]
             )
-        else:
-            self.order = np.arange(n)
+        self.order = np.r_[full_ids, short_ids].astype(np.int64)
         self.starts = np.r_[0, np.cumsum(self.unit_rows[self.order])]
-
-    def _block_order(self, block: int, units: np.ndarray, full: np.ndarray) -> np.ndarray:
-        """Full units of a block permuted, then its short ones (file ends) in file order,
-        so positions stay aligned to whole units when only a window's last unit is short."""
-        return np.r_[self._rng(0, block).permutation(units[full]), units[~full]]
 
     def _rng(self, kind: int, i: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.index.window, kind, int(i)])

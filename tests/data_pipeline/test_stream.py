@@ -108,6 +108,25 @@ def assert_same(xs: list[Batch], ys: list[Batch]) -> None:
         assert same(x, y), f"batch {i} differs"
 
 
+def unshuffled_order(d: str, rows: pa.Table) -> list[int]:
+    """Users with targets in the global order without shuffling: per window, its full row
+    groups in file order, then the short ones (file ends) in file order."""
+    users = rows["user_id"].to_pylist()
+    has = [
+        len(it) > h for it, h in zip(rows["item_ids"].to_pylist(), rows["num_history"].to_pylist())
+    ]
+    out, at = [], 0
+    for w, n in USERS.items():
+        index = load_window_index(d, w)
+        _, _, unit_rows = index.units()
+        bounds = np.r_[0, np.cumsum(unit_rows)] + at
+        full = unit_rows == index.row_group_rows
+        for u in [*np.flatnonzero(full), *np.flatnonzero(~full)]:
+            out += [users[i] for i in range(bounds[u], bounds[u + 1]) if has[i]]
+        at += n
+    return out
+
+
 def test_windows_and_position_round_trip(prepared):
     d, _ = prepared
     assert list_windows(d) == [3, 5, 8]
@@ -130,9 +149,7 @@ def test_one_rank_streams_every_target_once_in_time_order(prepared):
     per_window = Counter(w[0] for w in windows)
     assert [per_window[w] for w in USERS] == [math.ceil(n / B) for n in USERS.values()]
     assert [w[0] for w in windows] == sorted(w[0] for w in windows)  # time order
-    with_targets = [u for u, it, h in zip(rows["user_id"].to_pylist(),
-                    rows["item_ids"].to_pylist(), rows["num_history"].to_pylist()) if len(it) > h]  # fmt: skip
-    assert row_users(batches) == with_targets  # file order
+    assert row_users(batches) == unshuffled_order(d, rows)
     for b in batches:  # every column stays aligned with item_id
         assert torch.equal(b.timestamps, 10 * b.item_ids)
         assert torch.equal(b.features["category"].values(), b.item_ids % 97)
@@ -203,21 +220,25 @@ def test_shuffle_is_deterministic_bounded_and_seeded(tmp_path):
     rows = make_rows(all_have_targets=True, seed=1)
     d = str(tmp_path)
     write_sequence_shards(d, rows, rows_per_file=16, row_group_rows=5)
-    S = 10  # with row groups of 5: blocks of 2 groups; each group's rows are permuted too
+    S = 10  # with row groups of 5: blocks of 2 full groups; each group's rows are permuted too
     file_order = row_users(stream_all(cfg(), d))
     a = row_users(stream_all(cfg(shuffle_buffer=S, seed=3), d))
     assert a == row_users(stream_all(cfg(shuffle_buffer=S, seed=3), d))
     assert a != row_users(stream_all(cfg(shuffle_buffer=S, seed=4), d))
     assert a != file_order and sorted(a) == sorted(file_order)
     at, moved_groups = 0, 0
-    for w, n in USERS.items():  # each block of 2 row groups is a permutation of itself
+    for w, n in USERS.items():  # positions of the unshuffled order, unit by unit
         _, _, unit_rows = load_window_index(d, w).units()
-        bounds = np.r_[0, np.cumsum(unit_rows)]
-        for lo, hi in zip(bounds[:-1:2], bounds[2::2].tolist() + [n]):
-            block = slice(at + lo, at + hi)
-            assert sorted(a[block]) == sorted(file_order[block])
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
-            moved_groups += sorted(a[at + lo : at + hi]) != sorted(file_order[at + lo : at + hi])
+        full = int((unit_rows == 5).sum())
+        sizes = [10] * (full // 2) + [5] * (full % 2)
+        sizes += [int(r) for r in unit_rows[unit_rows < 5]]  # short groups last, file order
+        bounds = np.r_[0, np.cumsum(sizes)] + at
+        assert bounds[-1] == at + n
+        for lo, hi in zip(bounds[:-1], bounds[1:]):  # blocks of 2 full groups, then short ones
+            assert sorted(a[lo:hi]) == sorted(file_order[lo:hi])
+        groups = np.r_[0, np.cumsum([5] * full)] + at
+        for lo, hi in zip(groups[:-1], groups[1:]):
+            moved_groups += sorted(a[lo:hi]) != sorted(file_order[lo:hi])
         at += n
     assert moved_groups > 0  # the groups' order changed inside some block
 
@@ -298,6 +319,24 @@ def test_each_row_group_is_read_by_one_rank_only(tmp_path, monkeypatch, world, s
     got = targets([b for batches, _ in runs for b in batches])
     assert sorted(got) == sorted(all_targets(rows)) and len(got) == len(set(got))
     assert len({len(batches) for batches, _ in runs}) == 1  # equal batch counts per rank
+
+
+@pytest.mark.parametrize("shuffle", [0, 8])
+def test_short_row_groups_at_file_ends_stay_out_of_the_way(tmp_path, monkeypatch, shuffle):
+    """Files of 7 rows end in 1-row groups (as prepare's files do): they go last in the
+    order, so every full group is still read by one rank only."""
+    d = str(tmp_path)
+    rows = make_rows()
+    write_sequence_shards(d, rows, rows_per_file=7, row_group_rows=2)
+    groups, runs = read_groups_per_rank(d, 2, cfg(shuffle_buffer=shuffle), monkeypatch)
+    full = {(w, f, g) for w in USERS for f, g, n in zip(*load_window_index(d, w).units())
+            if n == 2}  # fmt: skip
+    flat = [g for per_rank in groups for g in per_rank]
+    assert sorted(g for g in flat if g in full) == sorted(full)  # each full group once
+    short_rows = sum(n for w in USERS for n in load_window_index(d, w).units()[2] if n < 2)
+    assert rows.num_rows <= sum(st["decoded_rows"] for _, st in runs) <= rows.num_rows + short_rows
+    got = targets([b for batches, _ in runs for b in batches])
+    assert sorted(got) == sorted(all_targets(rows)) and len(got) == len(set(got))
 
 
 @pytest.mark.parametrize("shuffle", [0, 8])
