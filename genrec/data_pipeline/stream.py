@@ -7,9 +7,10 @@
 
 Order. Inside a window there is ONE global row order, the same on every rank and for every
 world size, defined over the window's row groups ("units", listed in window=W/_index.json):
-units in file order, rows in file order; with `shuffle_buffer = S > 0` blocks of ~S rows
-of units are permuted and each unit's rows too, all by generators seeded with (seed,
-window, ...), so any position is recomputed without state (row_order.WindowOrder).
+full units in file order, then each file's short last unit, rows in file order; with
+`shuffle_buffer = S > 0` blocks of ~S rows of full units are permuted and each unit's rows
+too, all by generators seeded with (seed, window, ...), so any position is recomputed
+without state (row_order.WindowOrder).
 
 Steps. A global step consumes the next `world_size * batch_size` rows of that order; rank
 r gets rows [r * batch_size, (r + 1) * batch_size) of them. Every rank therefore yields
@@ -20,9 +21,9 @@ adds no loss and no metrics but keeps collectives in lockstep. A batch never mix
 
 Reading. Rank r reads and decodes only the row groups under its own positions, ahead of
 the step in `cfg.read_threads` threads (shard_reader.read_ahead). When row_group_rows
-divides batch_size (prepare's default layout does) every row is decoded by exactly one
-rank; otherwise a row group that straddles two ranks' slices is decoded by both
-(`stats["decoded_rows"]` counts what this rank decoded).
+divides batch_size every full unit is decoded by exactly one rank (only the window's last
+steps, over the short units, may share one); otherwise a row group that straddles two
+ranks' slices is decoded by both (`stats["decoded_rows"]` counts what this rank decoded).
 
 Position. `StreamPosition(window, offset)` counts rows of `window` consumed by all ranks
 together, so it does not depend on the world size: a stream saved at 2 ranks resumes at 1
