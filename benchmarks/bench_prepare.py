@@ -3,9 +3,11 @@
     python benchmarks/bench_prepare.py --events 10000000          # the 2-core figure
     python benchmarks/bench_prepare.py --events 200000 --in DIR   # reuse generated data
 
-Peak RSS is reported for the driver (getrusage) and for the whole process tree (the driver
-plus the Ray processes it started), sampled from /proc every 0.2 s. Everything is written
-into a temporary directory that is removed afterwards; prints one JSON line.
+Peak RSS is reported for the driver (getrusage), for the largest single process and for the
+whole process tree (the driver plus the Ray processes it started), sampled from /proc every
+0.2 s, with the most files under the output directory open at once in the tree; files per
+window come from the indexes. Everything is written into a temporary directory (`--work`)
+that is removed afterwards; prints one JSON line.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def _tree_rss_mb(root: int) -> float:
-    tree, total, todo = _children(), 0, [root]
+def _tree_sample(root: int, under: str) -> tuple[float, float, int]:
+    """(RSS of the tree, largest RSS of one process, files under `under` open in the tree)."""
+    tree, total, largest, files, todo = _children(), 0, 0, 0, [root]
     while todo:
         pid = todo.pop()
         todo += tree.get(pid, [])
@@ -44,22 +47,32 @@ def _tree_rss_mb(root: int) -> float:
             with open(f"/proc/{pid}/status") as f:
                 for line in f:
                     if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
+                        kb = int(line.split()[1])
+                        total, largest = total + kb, max(largest, kb)
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    files += os.readlink(f"/proc/{pid}/fd/{fd}").startswith(under)
+                except OSError:
+                    pass
         except OSError:
             pass
-    return total / 1024
+    return total / 1024, largest / 1024, files
 
 
 class PeakSampler(threading.Thread):
-    """Polls the RSS of this process tree until stopped; keeps the maximum."""
+    """Polls this process tree until stopped: peak RSS (tree, one process), most open files."""
 
-    def __init__(self, interval: float = 0.2) -> None:
+    def __init__(self, under: str, interval: float = 0.2) -> None:
         super().__init__(daemon=True)
-        self.interval, self.peak, self._stop_event = interval, 0.0, threading.Event()
+        self.interval, self.under, self._stop_event = interval, under, threading.Event()
+        self.peak = self.peak_process = 0.0
+        self.open_files = 0
 
     def run(self) -> None:
         while not self._stop_event.is_set():
-            self.peak = max(self.peak, _tree_rss_mb(os.getpid()))
+            tree, one, files = _tree_sample(os.getpid(), self.under)
+            self.peak, self.peak_process = max(self.peak, tree), max(self.peak_process, one)
+            self.open_files = max(self.open_files, files)
             self._stop_event.wait(self.interval)
 
     def stop(self) -> float:
@@ -78,14 +91,20 @@ def main() -> None:
     p.add_argument("--window", default="day")
     p.add_argument("--max-len", type=int, default=50)
     p.add_argument("--num-cpus", type=int, default=0, help="Ray CPUs (0: this machine's)")
+    p.add_argument("--task-mb", type=float, default=512)
+    p.add_argument("--files-per-window", type=int, default=4)
+    p.add_argument("--row-group-rows", type=int, default=64)
+    p.add_argument("--work", default="", help="scratch parent dir (default: system temp)")
     args = p.parse_args()
 
     from genrec.data_pipeline.sequences import prepare
+    from genrec.data_pipeline.shard_index import load_window_index
     from genrec.data_pipeline.synthetic import generate
     from genrec.ray_runtime import ray_session
 
-    work = tempfile.mkdtemp(prefix="genrec-bench-prepare-")
-    sampler = PeakSampler()
+    work = tempfile.mkdtemp(prefix="genrec-bench-prepare-", dir=args.work or None)
+    out_dir = os.path.join(work, "prepared")
+    sampler = PeakSampler(out_dir)
     try:
         raw = args.in_dir
         gen_s = 0.0
@@ -108,16 +127,24 @@ def main() -> None:
             report = prepare(
                 args.source,
                 raw,
-                os.path.join(work, "prepared"),
+                out_dir,
                 window=args.window,
                 max_len=args.max_len,
+                task_mb=args.task_mb,
+                files_per_window=args.files_per_window,
+                row_group_rows=args.row_group_rows,
             )
         seconds = time.perf_counter() - t_ray
         total = time.perf_counter() - t0
         peak_tree = sampler.stop()
         print(report.summary(), file=sys.stderr)
+        files = [len(load_window_index(out_dir, w).files) for w in report.windows]
+        out_bytes = sum(
+            os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out_dir) for f in fs
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    cpus = args.num_cpus or os.cpu_count() or 1
     print(
         json.dumps(
             {
@@ -129,7 +156,7 @@ def main() -> None:
                 "users": report.users,
                 "items": report.items,
                 "buckets": report.buckets,
-                "cpus": args.num_cpus or os.cpu_count(),
+                "cpus": cpus,
                 "generate_seconds": round(gen_s, 2),
                 "seconds": round(seconds, 2),
                 "seconds_with_ray_start": round(total, 2),
@@ -138,6 +165,14 @@ def main() -> None:
                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
                 ),
                 "peak_rss_tree_mb": round(peak_tree, 1),
+                "peak_rss_process_mb": round(sampler.peak_process, 1),
+                "events_per_s_per_core": round(report.events / seconds / cpus),
+                "files_per_window_max": max(files),
+                "files_total": sum(files),
+                "most_files_open": sampler.open_files,
+                "out_bytes": out_bytes,
+                "task_mb": args.task_mb,
+                "load_avg_1m": os.getloadavg()[0],
             }
         )
     )

@@ -1,11 +1,12 @@
-"""Events/s and batches/s the stream delivers to consumers that do nothing, next to a raw
-pyarrow scan of the same files (the limit on this machine); both readers; 1 and N consumers
-(separate processes, as ranks would be); each consumer's RSS at start and peak.
+"""Events/s the stream delivers to W ranks (gloo processes) that do nothing with the batches,
+and `amplification` = rows decoded on all ranks / rows in the stream (1.0: each row decoded
+by one rank); each rank's peak RSS; a raw pyarrow scan of the same files for reference.
 
-    .venv/bin/python benchmarks/bench_stream.py                     # 10M synthetic events
-    .venv/bin/python benchmarks/bench_stream.py --data-dir data/prepared --readers local
+    .venv/bin/python benchmarks/bench_stream.py --world 2            # 10M synthetic events
+    .venv/bin/python benchmarks/bench_stream.py --world 4 --data-dir data/prepared
 
-Prints one JSON line on stdout; progress goes to stderr; synthetic shards go to a temp dir.
+Prints one JSON line on stdout (keys world, amplification, events_per_s, ...); progress
+goes to stderr; synthetic shards go to a temp dir.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import sys
 import tempfile
 import time
@@ -24,7 +26,11 @@ import pyarrow.parquet as pq
 
 from genrec.config import DataConfig
 from genrec.data_pipeline.schemas import SEQUENCES
-from genrec.data_pipeline.stream import list_windows, window_shards, write_sequence_shards
+from genrec.data_pipeline.shard_index import (
+    list_windows,
+    load_window_index,
+    write_sequence_shards,
+)
 
 
 def log(msg: str) -> None:
@@ -61,7 +67,17 @@ def synthetic_rows(events: int, windows: int, mean_len: int, seed: int) -> pa.Ta
 
 
 def files_of(data_dir: str) -> list[str]:
-    return [f for w in list_windows(data_dir) for f in window_shards(data_dir, w).files]
+    out = []
+    for w in list_windows(data_dir):
+        index = load_window_index(data_dir, w)
+        out += [str(Path(index.directory) / f) for f in index.files]
+    return out
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
 
 
 def raw_scan(files: list[str]) -> dict:
@@ -83,76 +99,80 @@ def raw_scan(files: list[str]) -> dict:
 
 
 def consume(args: tuple) -> dict:
-    """One rank: open the stream, pull every batch, touch nothing."""
-    cfg_dict, data_dir, rank, world, batch_size, max_len = args
+    """One rank of a gloo group: open the stream, pull every batch, touch nothing."""
+    import torch
+    import torch.distributed as dist
+
     from genrec.data_pipeline.stream import open_stream
 
+    cfg_dict, data_dir, rank, world, batch_size, max_len, port = args
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     cfg = DataConfig(**cfg_dict)
+    t_open = time.perf_counter()
     stream = open_stream(cfg, data_dir, rank, world, batch_size, max_len)
-    total = sum(stream.num_batches(w) for w in stream.windows)
-    rss = [rss_mb()]  # at the start, then after each quarter of the batches
+    open_s = time.perf_counter() - t_open
+    dist.barrier()
     t0, cpu0 = time.perf_counter(), time.process_time()
-    batches = tokens = 0
-    t_warm, rows_warm = t0, 0
-    for b in stream:
+    batches = 0
+    for _ in stream:
         batches += 1
-        tokens += b.num_tokens
-        if batches == total // 10:  # steady state: after the first 10% (warm caches/pools)
-            t_warm, rows_warm = time.perf_counter(), stream.stats["row_events"]
-        if batches % max(1, total // 4) == 0:
-            rss.append(rss_mb())
     dt = time.perf_counter() - t0
-    stream.close()
+    n = torch.tensor([batches])
+    dist.all_reduce(n, op=dist.ReduceOp.MAX)  # lockstep: every rank the same count
+    same = int(n) == batches
+    dist.destroy_process_group()
     return {
         "rank": rank,
         "seconds": dt,
+        "open_s": open_s,
         "batches": batches,
-        "events": stream.stats["row_events"],  # events of the rows consumed (as in the scan)
-        "tokens": tokens,  # tokens delivered (chunked rows repeat some history)
-        "cpu_s": time.process_time() - cpu0,  # this process only (not Ray workers)
+        "same_batches": same,
+        "events": stream.stats["row_events"],  # events of this rank's rows
         "rows": stream.stats["rows"],
-        "steady_events_per_s": (stream.stats["row_events"] - rows_warm) / (t0 + dt - t_warm),
-        "rss_mb": [round(r) for r in rss],
+        "decoded_rows": stream.stats["decoded_rows"],
+        "cpu_s": time.process_time() - cpu0,
+        "peak_rss_mb": round(peak_rss_mb()),
     }
 
 
-def run_consumers(cfg: DataConfig, data_dir: str, world: int, batch_size: int, max_len: int):
+def run_world(cfg: DataConfig, data_dir: str, world: int, batch_size: int, max_len: int):
     ctx = mp.get_context("spawn")
-    jobs = [(vars(cfg), data_dir, r, world, batch_size, max_len) for r in range(world)]
-    t0 = time.perf_counter()
+    port = 29500 + os.getpid() % 1000
+    jobs = [(vars(cfg), data_dir, r, world, batch_size, max_len, port) for r in range(world)]
     with ctx.Pool(world) as pool:
         per_rank = pool.map(consume, jobs)
-    wall = time.perf_counter() - t0
     slowest = max(r["seconds"] for r in per_rank)
+    rows = sum(r["rows"] for r in per_rank)
     events = sum(r["events"] for r in per_rank)
     return {
-        "consumers": world,
-        "seconds": round(slowest, 3),
-        "wall_with_startup_s": round(wall, 3),
-        "rows": sum(r["rows"] for r in per_rank),
-        "events": events,
-        "tokens": sum(r["tokens"] for r in per_rank),
+        "world": world,
+        "amplification": round(sum(r["decoded_rows"] for r in per_rank) / max(rows, 1), 4),
         "events_per_s": round(events / slowest),
-        "consumer_cpu_s": round(max(r["cpu_s"] for r in per_rank), 3),
-        "batches_per_s_per_rank": round(per_rank[0]["batches"] / slowest, 1),
-        "steady_events_per_s": round(sum(r["steady_events_per_s"] for r in per_rank)),
-        "rss_mb_rank0": per_rank[0]["rss_mb"],  # start, then after each quarter
+        "events_per_s_per_rank": round(events / slowest / world),
+        "seconds": round(slowest, 3),
+        "rows": rows,
+        "events": events,
+        "equal_batches": all(r["same_batches"] for r in per_rank),
+        "open_s_max": round(max(r["open_s"] for r in per_rank), 4),
+        "cpu_s_per_rank": [round(r["cpu_s"], 2) for r in per_rank],
+        "peak_rss_mb_per_rank": [r["peak_rss_mb"] for r in per_rank],
     }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--world", type=int, default=1, help="ranks (gloo processes)")
     p.add_argument("--data-dir", default="", help="prepared dir (default: synthetic temp dir)")
     p.add_argument("--events", type=int, default=10_000_000, help="synthetic events")
     p.add_argument("--windows", type=int, default=10, help="synthetic windows")
     p.add_argument("--mean-len", type=int, default=50, help="synthetic mean row length")
+    p.add_argument("--row-group-rows", type=int, default=64, help="synthetic row groups")
+    p.add_argument("--rows-per-file", type=int, default=0, help="0: 1024 row groups")
     p.add_argument("--batch-size", type=int, default=128, help="rows per rank per step")
     p.add_argument("--max-len", type=int, default=50)
     p.add_argument("--shuffle-buffer", type=int, default=0)
-    p.add_argument("--readers", default="local,ray")
-    p.add_argument("--consumers", default="1,2")
-    p.add_argument("--ray-cpus", type=int, default=2)
-    p.add_argument("--object-store-mb", type=int, default=256)
+    p.add_argument("--read-threads", type=int, default=2)
     a = p.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench_stream_") as tmp:
@@ -160,38 +180,34 @@ def main() -> None:
         if not data_dir:
             data_dir = str(Path(tmp) / "prepared")
             log(f"writing ~{a.events:,} synthetic events to {data_dir}")
-            write_sequence_shards(data_dir, synthetic_rows(a.events, a.windows, a.mean_len, 0))
+            rows = synthetic_rows(a.events, a.windows, a.mean_len, 0)
+            write_sequence_shards(
+                data_dir,
+                rows,
+                rows_per_file=a.rows_per_file or 1024 * a.row_group_rows,
+                row_group_rows=a.row_group_rows,
+            )
         files = files_of(data_dir)
+        windows = len(list_windows(data_dir))
+        t0 = time.perf_counter()
+        for f in files:  # what opening a stream cost before the index: every footer
+            pq.read_metadata(f)
+        footers_s = time.perf_counter() - t0
         raw_scan(files)  # warm the page cache
         raw = raw_scan(files)
         log(f"raw scan: {raw['events_per_s'] / 1e6:.1f}M events/s")
-        out: dict = {"bench": "stream", "files": len(files), "raw_scan": raw, "runs": []}
-        for reader in a.readers.split(","):
-            cfg = DataConfig(
-                reader=reader,
-                shuffle_buffer=a.shuffle_buffer,
-                object_store_mb=a.object_store_mb,
-                num_cpus=a.ray_cpus,
-            )
-            session = None
-            if reader == "ray":  # one Ray for all consumers; they join it by address
-                import ray
-
-                from genrec.ray_runtime import init_ray
-
-                init_ray(a.ray_cpus, a.object_store_mb)
-                cfg.ray_address = ray.get_runtime_context().gcs_address
-                session = ray
-            for world in (int(c) for c in a.consumers.split(",")):
-                res = run_consumers(cfg, data_dir, world, a.batch_size, a.max_len)
-                res["reader"] = reader
-                res["ratio_to_raw"] = round(res["events_per_s"] / raw["events_per_s"], 3)
-                res["steady_ratio"] = round(res["steady_events_per_s"] / raw["events_per_s"], 3)
-                log(json.dumps(res))
-                out["runs"].append(res)
-            if session is not None:
-                session.shutdown()
-    out["raw_scan"]["events_per_s"] = round(raw["events_per_s"])
+        cfg = DataConfig(shuffle_buffer=a.shuffle_buffer, read_threads=a.read_threads)
+        out = run_world(cfg, data_dir, a.world, a.batch_size, a.max_len)
+    out = {
+        "bench": "stream",
+        **out,
+        "files": len(files),
+        "windows": windows,
+        "read_all_footers_s": round(footers_s, 4),
+        "batch_size": a.batch_size,
+        "raw_scan_events_per_s": round(raw["events_per_s"]),
+        "load_avg_1m": os.getloadavg()[0],
+    }
     print(json.dumps(out))
 
 

@@ -106,8 +106,17 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         max_len=args.max_len,
         on_bad_rows=args.on_bad_rows,
         ray_address=args.ray_address,
+        task_mb=args.task_mb,
+        files_per_window=args.files_per_window,
+        row_group_rows=args.row_group_rows,
+        append=args.append,
     )
     print(report.summary())
+    if args.vocab_min_count > 0:
+        from genrec.data_pipeline.vocabulary import write_item_vocabulary
+
+        v = write_item_vocabulary(args.out, args.vocab_min_count, args.vocab_overflow_rows)
+        print(f"item vocabulary: {v.ids.size:,} ids + {v.overflow_rows:,} overflow rows")
     return 0
 
 
@@ -292,6 +301,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, default=50)
     p.add_argument("--on-bad-rows", choices=["error", "skip"], default="error")
     p.add_argument("--ray-address", default="")
+    p.add_argument("--task-mb", type=float, default=512, help="memory per task (sets buckets)")
+    p.add_argument("--files-per-window", type=int, default=4, help="most files per window")
+    p.add_argument(
+        "--row-group-rows", type=int, default=64, help="rows per row group (divides batch size)"
+    )
+    p.add_argument("--append", action="store_true", help="add new days (--in) to an existing --out")
+    p.add_argument(
+        "--vocab-min-count", type=int, default=0, help="write vocab/item_id.parquet (0: none)"
+    )
+    p.add_argument("--vocab-overflow-rows", type=int, default=1024)
     p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser("plan", help="print (and save) the sharding plan and memory per rank")

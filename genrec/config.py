@@ -64,10 +64,12 @@ class DataConfig:
     max_len: int = 50  # history events kept before each window's targets
     on_bad_rows: Literal["error", "skip"] = "error"
     # streaming
-    reader: Literal["local", "ray"] = "local"  # plain pyarrow reader or Ray Data
+    # each rank reads its own row groups with pyarrow ("ray" was removed: README, Reading)
+    reader: str = "local"
     windows: list[int] = field(default_factory=list)  # empty: every prepared window
     shuffle_buffer: int = 0  # rows shuffled inside a window (0: file order)
     prefetch_batches: int = 2
+    read_threads: int = 2  # threads per rank decoding its row groups ahead of the step
     object_store_mb: int = 256
     num_cpus: int = 0  # Ray logical CPUs (0: this machine's count)
     ray_address: str = ""  # empty: start a local Ray bound to 127.0.0.1
@@ -76,6 +78,15 @@ class DataConfig:
     synthetic_users: int = 2000
     synthetic_events: int = 200_000
     synthetic_items: int = 5000
+
+    def __post_init__(self):
+        if self.reader == "ray":
+            raise ConfigError(
+                "data.reader: 'ray' was removed; set data.reader: local. Each rank now reads "
+                "only its own row groups with pyarrow (README, 'Reading the stream')"
+            )
+        if self.reader != "local":
+            raise ConfigError(f"data.reader: expected 'local', got {self.reader!r}")
 
 
 @dataclass

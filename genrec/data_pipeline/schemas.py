@@ -7,11 +7,16 @@ sequences  one row per (user, window): that window's events as targets, preceded
 Sequence shards live under a prepared directory:
 
     PREPARED/_meta.json                    written last: windows, counts, source, max_len
+    PREPARED/window=00017/_index.json      the window's files, rows, row-group size (shard_index)
     PREPARED/window=00017/part-00000.parquet
     PREPARED/window=00017/part-00001.parquet
+    PREPARED/items.parquet                 every item with its event count
+    PREPARED/_tail/b-00000.arrow           per user bucket: each user's last max_len events
+    PREPARED/vocab/item_id.parquet         optional id -> row vocabulary (vocabulary.py)
 
 Windows are integers that grow with time (day or week number, or timestamp // seconds).
-Inside a shard rows are sorted by user_id; list columns are aligned element by element.
+Inside a shard rows come in user-bucket runs, each sorted by user_id; a user has one row per
+window; list columns are aligned element by element.
 """
 
 from __future__ import annotations

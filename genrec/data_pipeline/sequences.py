@@ -2,18 +2,20 @@
 
     report = prepare("tecd", "data/raw", "data/prepared", window="day", max_len=50)
 
-Three stages of Ray tasks, each writing to disk so nothing large crosses the object store
-and every task's memory is bounded by one bucket:
+Stages of Ray tasks (prepare_tasks.py), each writing to disk so nothing large crosses the
+object store, each task's memory bounded by `task_mb`, and each keeping one writer open:
 
-1. partition (one task per source fragment): read canonical events through the adapter,
-   compute the window id, hash users into B buckets, write Arrow IPC files per bucket.
+1. partition (one task per source fragment): canonical events through the adapter, the
+   window id, users hashed into B buckets, B = events x BYTES_PER_EVENT / task_mb;
 2. cut (one task per bucket): sort the bucket by (user, time, file order), cut one row per
    (user, window): that window's events are the targets, preceded by up to `max_len`
-   earlier events of the user as history, and write `window=W/part-BBBBB.parquet`
-   (rows sorted by user). Item counts go to I item buckets.
-3. items (one task per item bucket): sum counts; the driver appends them to items.parquet.
+   earlier events of the user as history;
+3. write (one task per file slot, at most `files_per_window`): each window's rows of the
+   slot's buckets into window=W/part-fffff.parquet, row groups of `row_group_rows`;
+4. items (one task per item bucket): summed counts; the driver appends them to items.parquet.
 
-`_meta.json` is written last, so a directory with it is complete. Grouping by user is the
+Then window=W/_index.json (files, rows, row-group size, first event: shard_index) and
+`_meta.json`, written last, so a directory with it is complete. Grouping by user is the
 one blocking shuffle; doing it as explicit hash buckets on disk (rather than Ray Data's
 groupby) keeps the memory of a 2-core, 24 GB machine flat for any input size.
 """
@@ -21,7 +23,6 @@ groupby) keeps the memory of a 2-core, 24 GB machine flat for any input size.
 from __future__ import annotations
 
 import glob
-import json
 import math
 import os
 import shutil
@@ -29,22 +30,31 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from genrec.data_pipeline import schemas
+from genrec.data_pipeline.prepare_tasks import (
+    BYTES_PER_EVENT,
+    cut_task,
+    item_task,
+    partition_task,
+    write_task,
+)
+from genrec.data_pipeline.shard_index import (
+    int_context_columns,
+    read_meta,
+    write_meta,
+    write_window_index,
+)
 from genrec.data_pipeline.sources import get_source
 from genrec.data_pipeline.validation import BadRows, DataError
 
 WINDOW_SECONDS = {"day": 86_400, "week": 7 * 86_400}
-ROWS_PER_BUCKET = 1_000_000  # events per user bucket (bounds a cut task's memory)
-ROW_GROUP_ROWS = 8192
 ITEMS_FILE = schemas.ITEMS_FILE
 TMP_DIR = "_prepare_tmp"
-SEQ_SHIFT = 40  # tie-break key: fragment index << 40 | row inside the fragment
+TAIL_DIR = "_tail"  # per user bucket: each user's last max_len events (the --append state)
 
 
 @dataclass
@@ -90,6 +100,11 @@ def window_seconds(window: str | int) -> int:
     )
 
 
+def bucket_count(events: int, task_mb: float) -> int:
+    """User buckets so that one cut task holds about `task_mb` MiB (not a fixed events/bucket)."""
+    return max(1, math.ceil(events * BYTES_PER_EVENT / (task_mb * 2**20)))
+
+
 def prepare(
     source: str,
     in_dir: str,
@@ -98,14 +113,25 @@ def prepare(
     max_len: int,
     on_bad_rows: str = "error",
     ray_address: str = "",
+    task_mb: float = 512,
+    files_per_window: int = 4,
+    row_group_rows: int = 64,
+    append: bool = False,
 ) -> PrepareReport:
-    """Events of `source` under `in_dir` -> sequence shards under `out_dir` (see module doc)."""
+    """Events of `source` under `in_dir` -> sequence shards under `out_dir` (see module doc).
+
+    `append`: `in_dir` holds only new days, after the windows `out_dir` already has; their
+    windows are added, reading the users' stored tails (_tail/) instead of the old days.
+    The result equals preparing all days at once, row for row."""
     from genrec.ray_runtime import ray_session
 
     start = time.perf_counter()
     seconds = window_seconds(window)
-    if max_len < 0:
-        raise ValueError(f"max_len must be >= 0, got {max_len}")
+    if max_len < 0 or task_mb <= 0 or files_per_window < 1 or row_group_rows < 1:
+        raise ValueError(
+            "need max_len >= 0, task_mb > 0, files_per_window >= 1, row_group_rows >= 1; got "
+            f"{max_len}, {task_mb}, {files_per_window}, {row_group_rows}"
+        )
     src = get_source(source)
     bad = BadRows(on_bad_rows)
     frags = src.plan(in_dir, bad)  # footers only: fails early on unreadable files
@@ -115,22 +141,36 @@ def prepare(
             "no readable events (every file was skipped)",
             fix="check the files listed in the skip report",
         )
+    old = _append_base(out_dir, source, window, max_len, row_group_rows) if append else None
     est = sum(f.num_rows if f.num_rows >= 0 else os.path.getsize(f.path) // 8 for f in frags)
-    buckets = max(1, math.ceil(est / ROWS_PER_BUCKET))
+    buckets = old["buckets"] if old else bucket_count(est, task_mb)
+    slots = min(files_per_window, buckets)
+    first_fragment = old["fragments"] if old else 0
+    after = old["windows"][-1] if old and old["windows"] else None
+    tail_in = os.path.join(out_dir, TAIL_DIR) if old else ""
     row_ordered = any(f.row_ordered for f in frags)
     if row_ordered and str(window) != "week" and source == "vk_lsvd":
         print(f"prepare: {source} has no timestamps; windows are its weeks", file=sys.stderr)
-    _clear_outputs(out_dir)
+    if old is None:
+        _clear_outputs(out_dir)
     tmp = os.path.join(out_dir, TMP_DIR)
+    shutil.rmtree(tmp, ignore_errors=True)
+    ctx = tuple(src.context)
+    schema = schemas.sequences_schema(ctx)
     try:
         with ray_session(address=ray_address):
             import ray
 
-            part = ray.remote(num_cpus=1)(_partition_task)
-            cut = ray.remote(num_cpus=1)(_cut_task)
-            count = ray.remote(num_cpus=1)(_item_task)
+            part, cut, write, count = (
+                ray.remote(num_cpus=1)(t) for t in (partition_task, cut_task, write_task, item_task)
+            )
             results = _run(
-                [part.remote(source, f, on_bad_rows, seconds, buckets, tmp) for f in frags],
+                [
+                    part.remote(
+                        source, f, on_bad_rows, seconds, buckets, tmp, task_mb, first_fragment
+                    )
+                    for f in frags
+                ],
                 "prepare: partition",
                 len(frags),
             )
@@ -138,23 +178,38 @@ def prepare(
                 bad.merge(BadRows(on_bad_rows, rows=r["bad_rows"], files=r["bad_files"]))
             stats = _run(
                 [
-                    cut.remote(b, tmp, out_dir, max_len, src.context, buckets)
+                    cut.remote(b, buckets, tmp, max_len, ctx, buckets, tail_in, after)
                     for b in range(buckets)
                 ],
                 "prepare: sequences",
                 buckets,
             )
-            refs = [count.remote(k, tmp) for k in range(buckets)]
-            num_items = _write_items(refs, os.path.join(out_dir, ITEMS_FILE))
+            shutil.rmtree(os.path.join(tmp, "part"), ignore_errors=True)
+            written = _run(
+                [write.remote(f, slots, tmp, out_dir, ctx, row_group_rows) for f in range(slots)],
+                "prepare: write",
+                slots,
+            )
+            refs = [count.remote(k, buckets, buckets, tmp) for k in range(buckets)]
+            items_path = os.path.join(out_dir, ITEMS_FILE)
+            old_items = pq.read_table(items_path) if old else None
+            num_items = _write_items(refs, items_path, old_items)
+        shutil.rmtree(os.path.join(out_dir, TAIL_DIR), ignore_errors=True)
+        os.replace(os.path.join(tmp, "tail"), os.path.join(out_dir, TAIL_DIR))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    rows_w: dict[int, int] = {}
-    events_w: dict[int, int] = {}
+    rows_w = {int(w): n for w, n in (old or {}).get("rows_per_window", {}).items()}
+    events_w = {int(w): n for w, n in (old or {}).get("events_per_window", {}).items()}
     for s in stats:
         for w, (r, e) in s["windows"].items():
             rows_w[w] = rows_w.get(w, 0) + r
             events_w[w] = events_w.get(w, 0) + e
+    for w in sorted({w for s in stats for w in s["windows"]}):
+        files = [(f"part-{f:05d}.parquet", *written[f][w]) for f in range(slots) if w in written[f]]
+        write_window_index(out_dir, w, files, row_group_rows, int_context_columns(schema))
     windows = sorted(rows_w)
+    if old:
+        bad.merge(BadRows(on_bad_rows, rows=old["bad_rows"], files=old["skipped_files"]))
     report = PrepareReport(
         source=source,
         out_dir=out_dir,
@@ -171,9 +226,9 @@ def prepare(
         buckets=buckets,
     )
     meta = {
-        "format": 1,
+        "format": 2,
         "source": source,
-        "in_dir": os.path.abspath(in_dir),
+        "in_dirs": (old or {}).get("in_dirs", []) + [os.path.abspath(in_dir)],
         "window": str(window),
         "window_seconds": None if row_ordered else seconds,
         "timestamps": "order" if row_ordered else "seconds",
@@ -190,14 +245,34 @@ def prepare(
         "bad_rows": report.bad_rows,
         "skipped_files": report.skipped_files,
         "buckets": buckets,
+        "fragments": first_fragment + len(frags),
+        "task_mb": task_mb,
+        "files_per_window": slots,
+        "row_group_rows": row_group_rows,
         "seconds": round(report.seconds, 3),
     }
-    with open(os.path.join(out_dir, schemas.META_FILE + ".tmp"), "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(
-        os.path.join(out_dir, schemas.META_FILE + ".tmp"), os.path.join(out_dir, schemas.META_FILE)
-    )
+    write_meta(out_dir, meta)
     return report
+
+
+def _append_base(out_dir: str, source: str, window: str, max_len: int, group: int) -> dict:
+    """The prepared set an append extends; its settings must match this run's."""
+    meta = read_meta(out_dir)
+    want = {"source": source, "window": str(window), "max_len": max_len, "row_group_rows": group}
+    diff = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
+    if meta.get("format") != 2 or not os.path.isdir(os.path.join(out_dir, TAIL_DIR)):
+        raise DataError(
+            out_dir,
+            "has no user tails (_tail/) to append to",
+            fix="prepare all days once without --append (this genrec writes the tails)",
+        )
+    if diff:
+        raise DataError(
+            out_dir,
+            f"was prepared with other settings {{key: (prepared, now)}} {diff}",
+            fix="append with the prepared settings, or prepare all days afresh",
+        )
+    return meta
 
 
 # --------------------------------------------------------------------------- driver helpers
@@ -224,19 +299,35 @@ def _run(refs: list, desc: str, total: int) -> list:
     return [done[r] for r in refs]
 
 
-def _write_items(refs: list, path: str) -> int:
+def _write_items(refs: list, path: str, old: pa.Table | None = None) -> int:
+    """items.parquet from the item tasks' tables (plus the old counts on append)."""
     import ray
 
-    writer = pq.ParquetWriter(path, schemas.ITEMS)
+    tables = [old] if old is not None else []
+    if old is None:
+        writer = pq.ParquetWriter(path, schemas.ITEMS)
     total = 0
     try:
         for ref in tqdm(refs, desc="prepare: items", file=sys.stderr, disable=None):
             table = ray.get(ref)
-            writer.write_table(table)
-            total += table.num_rows
+            if old is None:
+                writer.write_table(table)
+                total += table.num_rows
+            else:
+                tables.append(table)
     finally:
-        writer.close()
-    return total
+        if old is None:
+            writer.close()
+    if old is None:
+        return total
+    summed = pa.concat_tables(tables).group_by("item_id").aggregate([("count", "sum")])
+    out = pa.table(
+        {"item_id": summed.column("item_id"), "count": summed.column("count_sum")},
+        schema=schemas.ITEMS,
+    ).sort_by("item_id")
+    pq.write_table(out, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return out.num_rows
 
 
 def _clear_outputs(out_dir: str) -> None:
@@ -245,130 +336,6 @@ def _clear_outputs(out_dir: str) -> None:
     for name in (schemas.META_FILE, ITEMS_FILE):
         if os.path.exists(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
-    for d in glob.glob(os.path.join(out_dir, "window=*")) + [os.path.join(out_dir, TMP_DIR)]:
+    extra = [os.path.join(out_dir, TMP_DIR), os.path.join(out_dir, TAIL_DIR)]
+    for d in glob.glob(os.path.join(out_dir, "window=*")) + extra:
         shutil.rmtree(d, ignore_errors=True)
-
-
-def _mix(values: np.ndarray, salt: int) -> np.ndarray:
-    """A well-mixed 32-bit hash of int64 ids (bucket choice independent of id patterns)."""
-    h = values.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(salt)
-    h ^= h >> np.uint64(29)
-    h *= np.uint64(0xBF58476D1CE4E5B9)
-    return (h >> np.uint64(32)).astype(np.int64)
-
-
-# --------------------------------------------------------------------------- Ray tasks
-
-
-def _partition_task(source: str, frag, mode: str, seconds: int, buckets: int, tmp: str) -> dict:
-    src = get_source(source)
-    bad = BadRows(mode)
-    schema = src.schema.append(pa.field("window", pa.int64())).append(pa.field("seq", pa.int64()))
-    writers: dict[int, ipc.RecordBatchFileWriter] = {}
-    seen = 0
-    try:
-        for batch in src.read(frag, bad):
-            n = batch.num_rows
-            ts = batch.column("timestamp").to_numpy()
-            win = np.full(n, frag.window, np.int64) if frag.row_ordered else ts // seconds
-            seq = (np.int64(frag.index) << SEQ_SHIFT) + seen + np.arange(n, dtype=np.int64)
-            seen += n
-            full = pa.RecordBatch.from_arrays(
-                [*batch.columns, pa.array(win), pa.array(seq)], schema=schema
-            )
-            b = _mix(batch.column("user_id").to_numpy(), 1) % buckets
-            order = np.argsort(b, kind="stable")
-            b_sorted = b[order]
-            cuts = np.flatnonzero(np.diff(b_sorted)) + 1
-            for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, n]):
-                k = int(b_sorted[lo])
-                if k not in writers:
-                    path = os.path.join(tmp, f"b={k:05d}", f"f-{frag.index:06d}.arrow")
-                    os.makedirs(os.path.dirname(path), exist_ok=True)
-                    writers[k] = ipc.new_file(path, schema)
-                writers[k].write_batch(full.take(pa.array(order[lo:hi])))
-    finally:
-        for w in writers.values():
-            w.close()
-    return {"events": seen, "bad_rows": dict(bad.rows), "bad_files": list(bad.files)}
-
-
-def _read_ipc(paths: list[str]) -> pa.Table | None:
-    tables = [ipc.open_file(pa.memory_map(p)).read_all() for p in sorted(paths)]
-    return pa.concat_tables(tables) if tables else None
-
-
-def cut_rows(user: np.ndarray, window: np.ndarray, max_len: int):
-    """Rows of events sorted by (user, time): per (user, window) group, the slice
-    [hist, end) whose events from `start` on are targets and before `start` history."""
-    n = user.size
-    new_user = np.r_[True, user[1:] != user[:-1]]
-    start = np.flatnonzero(new_user | np.r_[True, window[1:] != window[:-1]])
-    end = np.r_[start[1:], n]
-    user_start = np.maximum.accumulate(np.where(new_user, np.arange(n), 0))[start]
-    hist = np.maximum(user_start, start - max_len)
-    return start, end, hist
-
-
-def _cut_task(
-    bucket: int, tmp: str, out_dir: str, max_len: int, context: tuple, num_item_buckets: int
-) -> dict:
-    table = _read_ipc(glob.glob(os.path.join(tmp, f"b={bucket:05d}", "*.arrow")))
-    if table is None:
-        return {"windows": {}, "users": 0}
-    cols = {c: table.column(c).to_numpy() for c in table.column_names}
-    del table
-    order = np.lexsort((cols["seq"], cols["timestamp"], cols["user_id"]))
-    cols = {c: v[order] for c, v in cols.items()}
-    start, end, hist = cut_rows(cols["user_id"], cols["window"], max_len)
-    row_window = cols["window"][start]
-    schema = schemas.sequences_schema(context)
-    stats: dict[int, tuple[int, int]] = {}
-    for w in np.unique(row_window):
-        rows = np.flatnonzero(row_window == w)  # already sorted by user
-        s, e, h = start[rows], end[rows], hist[rows]
-        lengths = e - h
-        offsets = np.r_[0, np.cumsum(lengths)].astype(np.int32)
-        idx = np.arange(int(lengths.sum())) - np.repeat(offsets[:-1] - h, lengths)
-        arrays = [
-            pa.array(cols["user_id"][s]),
-            pa.array(np.full(rows.size, w, np.int64)),
-            *[
-                pa.ListArray.from_arrays(pa.array(offsets), pa.array(cols[c][idx]))
-                for c in ("item_id", "timestamp", "action")
-            ],
-            pa.array((s - h).astype(np.int32)),
-            *[pa.ListArray.from_arrays(pa.array(offsets), pa.array(cols[c][idx])) for c in context],
-        ]
-        path = os.path.join(out_dir, schemas.window_dir(int(w)), f"part-{bucket:05d}.parquet")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        pq.write_table(
-            pa.Table.from_arrays(arrays, schema=schema), path, row_group_size=ROW_GROUP_ROWS
-        )
-        stats[int(w)] = (int(rows.size), int((e - s).sum()))
-    items, counts = np.unique(cols["item_id"], return_counts=True)
-    k = _mix(items, 2) % num_item_buckets
-    for kk in np.unique(k):
-        m = k == kk
-        path = os.path.join(tmp, "items", f"k={kk:05d}", f"b-{bucket:05d}.arrow")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with ipc.new_file(path, schemas.ITEMS) as w:
-            w.write_table(
-                pa.table(
-                    {"item_id": items[m], "count": counts[m].astype(np.int64)}, schema=schemas.ITEMS
-                )
-            )
-    users = int(np.count_nonzero(np.r_[True, np.diff(cols["user_id"]) != 0]))
-    return {"windows": stats, "users": users}
-
-
-def _item_task(k: int, tmp: str) -> pa.Table:
-    table = _read_ipc(glob.glob(os.path.join(tmp, "items", f"k={k:05d}", "*.arrow")))
-    if table is None:
-        return schemas.ITEMS.empty_table()
-    summed = table.group_by("item_id").aggregate([("count", "sum")])
-    out = pa.table(
-        {"item_id": summed.column("item_id"), "count": summed.column("count_sum")},
-        schema=schemas.ITEMS,
-    )
-    return out.sort_by("item_id")

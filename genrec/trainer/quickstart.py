@@ -92,6 +92,8 @@ def quickstart(workdir: str = "runs/quickstart", overrides: list[str] | None = N
         window=cfg.data.window,
         max_len=cfg.data.max_len,
         on_bad_rows=cfg.data.on_bad_rows,
+        # one row group per rank and step: every rank decodes only its own rows
+        row_group_rows=cfg.trainer.batch_size,
     )
     print(rep.summary(), flush=True)
     print(

@@ -6,14 +6,17 @@ import glob
 import json
 import os
 import re
+import shutil
 from collections import Counter, defaultdict
 
 import pyarrow.parquet as pq
 import pytest
 
 from genrec.data_pipeline import schemas, sequences
+from genrec.data_pipeline.shard_index import load_window_index
 from genrec.data_pipeline.sources import get_source, iter_events
 from genrec.data_pipeline.synthetic import generate
+from genrec.data_pipeline.validation import DataError
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +62,7 @@ def _read_shards(out: str, context: tuple) -> dict:
         table = pq.read_table(path)
         assert table.schema == schemas.sequences_schema(context)
         users = table["user_id"].to_pylist()
-        assert users == sorted(users) and len(set(users)) == len(users)
+        assert len(set(users)) == len(users)
         window = int(re.search(r"window=(\d+)", path).group(1))
         for r in table.to_pylist():
             assert r["window"] == window
@@ -69,13 +72,31 @@ def _read_shards(out: str, context: tuple) -> dict:
     return rows
 
 
-@pytest.mark.parametrize("rows_per_bucket", [1_000_000, 700])
+def _check_layout(out: str, files_per_window: int, group: int) -> None:
+    """<= files_per_window files per window, fixed row groups, an index that matches them."""
+    meta = json.load(open(os.path.join(out, schemas.META_FILE)))
+    for w in meta["windows"]:
+        index = load_window_index(out, w, meta["rows_per_window"][str(w)])
+        paths = sorted(glob.glob(os.path.join(out, schemas.window_dir(w), "part-*.parquet")))
+        assert [os.path.basename(p) for p in paths] == list(index.files)
+        assert 1 <= len(paths) <= files_per_window and index.row_group_rows == group
+        for p, rows in zip(paths, index.file_rows):
+            md = pq.read_metadata(p)
+            sizes = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
+            assert sum(sizes) == rows and all(n == group for n in sizes[:-1])
+            assert 0 < sizes[-1] <= group
+
+
+@pytest.mark.parametrize("task_mb,files_per_window", [(512, 4), (0.05, 3)])
 def test_prepare_tecd_matches_recomputation(
-    ray_local, tecd_raw, tmp_path, monkeypatch, rows_per_bucket
+    ray_local, tecd_raw, tmp_path, task_mb, files_per_window
 ):
-    monkeypatch.setattr(sequences, "ROWS_PER_BUCKET", rows_per_bucket)
     out = str(tmp_path / "prepared")
-    report = sequences.prepare("tecd", tecd_raw, out, window="day", max_len=7)
+    report = sequences.prepare(
+        "tecd", tecd_raw, out, window="day", max_len=7, task_mb=task_mb,
+        files_per_window=files_per_window, row_group_rows=4,
+    )  # fmt: skip
+    _check_layout(out, files_per_window, 4)
     context = get_source("tecd").context
     expected = _expected("tecd", tecd_raw, 86400, 7)
     got = _read_shards(out, context)
@@ -86,7 +107,8 @@ def test_prepare_tecd_matches_recomputation(
         == total
         == sum(1 for b in iter_events(get_source("tecd"), tecd_raw) for _ in range(b.num_rows))
     )
-    assert report.buckets == -(-report.events // rows_per_bucket)  # no bad rows: est = events
+    assert report.buckets == sequences.bucket_count(report.events, task_mb)  # est = events
+    assert (report.buckets > 1) == (task_mb < 1)
     meta = json.load(open(os.path.join(out, schemas.META_FILE)))
     assert meta["windows"] == sorted({w for _, w in expected})
     per_window = Counter()
@@ -139,3 +161,39 @@ def test_window_spec():
     assert sequences.window_seconds("3600") == 3600
     with pytest.raises(ValueError, match="window"):
         sequences.window_seconds("month")
+
+
+def _split_days(raw: str, dest: str, days: range) -> str:
+    """A copy of `raw` with only the daily event files `days` (item tables kept)."""
+    shutil.copytree(raw, dest, ignore=shutil.ignore_patterns("*.pq"))
+    for path in glob.glob(os.path.join(raw, "**", "*.pq"), recursive=True):
+        rel = os.path.relpath(path, raw)
+        day = re.search(r"events/(\d+)\.pq$", rel)
+        if day is None or int(day.group(1)) in days:
+            shutil.copy(path, os.path.join(dest, rel))
+    return dest
+
+
+def test_append_equals_full_prepare(ray_local, tecd_raw, tmp_path):
+    kw = dict(window="day", max_len=7, task_mb=0.2, files_per_window=3, row_group_rows=4)
+    full = str(tmp_path / "full")
+    sequences.prepare("tecd", tecd_raw, full, **kw)
+    old = _split_days(tecd_raw, str(tmp_path / "old_days"), range(0, 10))
+    new = _split_days(tecd_raw, str(tmp_path / "new_days"), range(10, 14))
+    out = str(tmp_path / "appended")
+    sequences.prepare("tecd", old, out, **kw)
+    shutil.rmtree(old)  # the append cannot read the old days: they are gone
+    report = sequences.prepare("tecd", new, out, append=True, **kw)
+    context = get_source("tecd").context
+    assert _read_shards(out, context) == _read_shards(full, context)  # row for row
+    _check_layout(out, 3, 4)
+    m_full, m_out = (json.load(open(os.path.join(d, schemas.META_FILE))) for d in (full, out))
+    for key in ("windows", "rows_per_window", "events_per_window", "num_rows", "num_events",
+                "num_users", "num_items"):  # fmt: skip
+        assert m_out[key] == m_full[key], key
+    assert report.users == m_full["num_users"] and len(m_out["in_dirs"]) == 2
+    items = [pq.read_table(os.path.join(d, schemas.ITEMS_FILE)).to_pydict() for d in (full, out)]
+    counts = [dict(zip(i["item_id"], i["count"])) for i in items]
+    assert counts[0] == counts[1] and sum(counts[0].values()) == m_full["num_events"]
+    with pytest.raises(DataError, match="windows <= "):  # days already prepared
+        sequences.prepare("tecd", new, out, append=True, **kw)
