@@ -364,4 +364,4 @@ def test_ray_reader_is_a_config_error_naming_the_fix():
         ConfigError, match=r"data.reader: 'ray' was removed; set data.reader: local"
     ):
         load_config(None, ["data.reader=ray"])
-    assert load_config("configs/tecd.yaml").data.reader == "local"
+    assert load_config("tecd").data.reader == "local"
