@@ -149,38 +149,44 @@ def _mask_(a: torch.Tensor, g: _Group, G: int) -> torch.Tensor:
     return a
 
 
+def _scores(qg, kg, tab, g: _Group, G: int) -> torch.Tensor:
+    """[G * H, L, L] Q K^T + rab of one group (rab from the flat bias table)."""
+    s = torch.bmm(qg, kg.transpose(1, 2))
+    if tab is not None:
+        bias = tab.index_select(0, g.bias_index.reshape(-1)).view(
+            G if g.bias_index.shape[0] > 1 else 1, 1, g.L, g.L
+        )
+        s.view(G, -1, g.L, g.L).add_(bias)
+    return s
+
+
 class _GroupedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, table, plan: AttentionPlan):
         T, H, _ = q.shape
         out = v.new_zeros(T, H, v.shape[-1])
         tab = table.to(q.dtype) if table is not None else None
-        scores = []
+        kept = []
         for g in plan.groups:
             G = g.rows.numel() // g.L
-            qg, kg = (_heads_first(t.index_select(0, g.rows), G, g.L) for t in (q, k))
-            vg = _heads_first(v.index_select(0, g.rows), G, g.L)
-            s = torch.bmm(qg, kg.transpose(1, 2))
-            if tab is not None:
-                bias = tab.index_select(0, g.bias_index.reshape(-1)).view(-1, 1, g.L, g.L)
-                s.view(G, H, g.L, g.L).add_(bias)
-            scores.append(s)
+            qg, kg, vg = (_heads_first(t.index_select(0, g.rows), G, g.L) for t in (q, k, v))
+            s = _scores(qg, kg, tab, g, G)
+            kept.append(s)  # for the backward: A and SiLU'(S) come from S
             a = _mask_(F.silu(s), g, G)
             o = _tokens_first(torch.bmm(a, vg), G).view(G, g.L, H, -1) * g.scale.to(q.dtype)
+            del a, s
             out.index_copy_(0, g.dst, o.view(G * g.L, H, -1).index_select(0, g.sel))
-        ctx.save_for_backward(q, k, v)
-        ctx.scores, ctx.plan, ctx.has_table = scores, plan, table is not None
-        ctx.table_size = table.numel() if table is not None else 0
-        ctx.table_dtype = table.dtype if table is not None else None
+        ctx.save_for_backward(q, k, v, table if table is not None else q.new_zeros(0))
+        ctx.scores, ctx.plan, ctx.has_table = kept, plan, table is not None
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v = ctx.saved_tensors
+        q, k, v, table = ctx.saved_tensors
         plan, H = ctx.plan, q.shape[1]
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         want_table = ctx.has_table and ctx.needs_input_grad[3]
-        dtable = q.new_zeros(ctx.table_size, dtype=torch.float32) if want_table else None
+        dtable = q.new_zeros(table.numel(), dtype=torch.float32) if want_table else None
         dout = dout.contiguous()
         for g, s in zip(plan.groups, ctx.scores):
             G, L = g.rows.numel() // g.L, g.L
@@ -190,18 +196,21 @@ class _GroupedAttention(torch.autograd.Function):
             a = _mask_(F.silu(s), g, G)
             dvg = torch.bmm(a.transpose(1, 2), dog)
             del a
-            ds = _mask_(torch.ops.aten.silu_backward(torch.bmm(dog, vg.transpose(1, 2)), s), g, G)
+            da = torch.bmm(dog, vg.transpose(1, 2))
+            ds = _mask_(torch.ops.aten.silu_backward.grad_input(da, s, grad_input=da), g, G)
+            del s
             dqg, dkg = torch.bmm(ds, kg), torch.bmm(ds.transpose(1, 2), qg)
             if dtable is not None:
                 w = ds.view(G, H, L, L).sum(1) if H > 1 else ds.view(G, L, L)
                 if g.bias_index.shape[0] == 1 and G > 1:
                     w = w.sum(0, keepdim=True)
                 dtable.index_add_(0, g.bias_index.reshape(-1), w.reshape(-1).float())
+            del ds, da
             for full, part in ((dq, dqg), (dk, dkg), (dv, dvg)):
                 full.index_copy_(0, g.dst, _tokens_first(part, G).index_select(0, g.sel))
         ctx.scores = None
         if dtable is not None:
-            dtable = dtable.to(ctx.table_dtype)
+            dtable = dtable.to(table.dtype)
         return dq, dk, dv, dtable, None
 
 
