@@ -46,16 +46,14 @@ def time_bucket(dt: torch.Tensor, num_buckets: int) -> torch.Tensor:
     float log2 is only an estimate: CUDA's returns 2.9999999999999996 for log2(8)). Gaps with
     x^2 >= 2^63 take bucket 63, as the Triton kernel does.
     """
-    return torch.searchsorted(
-        _time_edges(num_buckets, dt.device), dt.abs().to(torch.int64), right=True
-    )
+    edges = torch.tensor(_time_edges(num_buckets), dtype=torch.int64, device=dt.device)
+    return torch.searchsorted(edges, dt.abs().to(torch.int64), right=True)
 
 
 @functools.lru_cache(maxsize=16)
-def _time_edges(num_buckets: int, device: torch.device) -> torch.Tensor:
-    """int64 [min(63, num_buckets - 1)]: the smallest |dt| of buckets 1, 2, ..."""
-    top = min(63, num_buckets - 1)
-    return torch.tensor([math.isqrt(2**k - 1) for k in range(1, top + 1)], device=device)
+def _time_edges(num_buckets: int) -> tuple[int, ...]:
+    """The smallest |dt| of buckets 1, 2, ..., min(63, num_buckets - 1)."""
+    return tuple(math.isqrt(2**k - 1) for k in range(1, min(63, num_buckets - 1) + 1))
 
 
 def _allowed_and_positions(
