@@ -1,4 +1,5 @@
-"""The jagged HSTU attention op: one signature, a PyTorch reference, a Triton fast path.
+"""The jagged HSTU attention op: one signature, a PyTorch reference and two fast paths
+(grouped bmm with a hand-written backward for CPU, `attention_grouped.py`; Triton for CUDA).
 
     out = hstu_attention(q, k, v, offsets, max_seq_len, timestamps=..., pos_bias=...,
                          time_bias=..., num_targets=..., norm="length")
@@ -17,7 +18,8 @@ The reference never pads the batch to max_seq_len: sequences are grouped by simi
 (buckets at 2^k and 1.5 * 2^k), each group is padded only to its own longest sequence and
 split so that one group's score tensor stays under `jagged.GROUP_SCORE_ELEMS`. Memory is then
 O(sum_b n_b^2) instead of O(B * max_seq_len^2). `hstu_attention_padded` is the same math on
-an already padded [B, L, ...] batch (used by export, where shapes must be static).
+an already padded [B, L, ...] batch (used by export, where shapes must be static). The
+grouped backend uses the same groups and must match the reference in outputs and gradients.
 """
 
 from __future__ import annotations
