@@ -1,6 +1,8 @@
 """Jagged HSTU attention on a GPU: Triton kernel vs the PyTorch reference vs padded SDPA.
 
     python benchmarks/bench_attention_gpu.py [--lengths 256,512,1024,2048,4096] [--dtype bf16]
+    python benchmarks/bench_attention_gpu.py --goal      # the issue-22 run: L=1024,4096, bf16
+    python benchmarks/bench_attention_gpu.py --dry-run   # CPU: Triton interpreter, tiny sizes
 
 For each max length L: a batch of ~--batch-tokens tokens in sequences of random length in
 [L/2, L] (one of exactly L), with position and time biases as HSTU uses them. First the
@@ -11,6 +13,8 @@ on the CPU it is exact, as is the kernel's integer bucket); then forward and
 forward+backward are timed with CUDA events for
   triton       genrec.models.attention_triton.triton_hstu_attention (jagged)
   reference    genrec.models.attention.hstu_attention(backend="reference") (jagged)
+  grouped      genrec.models.attention.hstu_attention(backend="grouped") (jagged, bmm per
+               length group with a hand-written backward: the CPU fast path)
   sdpa_padded  torch.nn.functional.scaled_dot_product_attention(is_causal=True) on the
                batch padded to [B, H, L, D] (softmax attention: the usual fast baseline)
 tokens/s counts real (unpadded) tokens; TFLOP/s counts the useful causal FLOPs of the jagged
@@ -18,15 +22,30 @@ batch for all three (2 matmuls forward, 5 backward), so the numbers compare dire
 Errors are max|kernel - ref| / max|ref| (rel_err_vs_reference, the pass/fail test) and
 ||kernel - ref|| / ||ref|| (rel_l2_err_vs_reference). Prints one JSON line on stdout and a
 summary table on stderr; without a CUDA device it prints why and no numbers.
+Per phase, triton_over_sdpa is the kernel's time over padded SDPA's (goal: <= 2 forward +
+backward at L = 1024 and 4096 in bf16: `--goal`, one run of a few minutes on one GPU).
+
+--dry-run runs every step of the script on the CPU (TRITON_INTERPRET=1, lengths 32 and 64,
+float32, a few hundred tokens, wall-clock timing): a check that the script runs end to end
+before a short GPU window, not a measurement.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 
 import torch
+
+DEVICE = "cuda"  # "cpu" under --dry-run
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def log(msg: str) -> None:
@@ -41,7 +60,7 @@ def make_batch(L: int, batch_tokens: int, heads: int, dqk: int, dv: int, dtype, 
     offsets = torch.zeros(B + 1, dtype=torch.int64)
     offsets[1:] = lengths.cumsum(0)
     T = int(offsets[-1])
-    dev = "cuda"
+    dev = DEVICE
     q = (0.2 * torch.randn(T, heads, dqk, generator=g)).to(dev, dtype)
     k = (0.2 * torch.randn(T, heads, dqk, generator=g)).to(dev, dtype)
     v = torch.randn(T, heads, dv, generator=g).to(dev, dtype)
@@ -128,6 +147,10 @@ def time_ms(fn, warmup: int, iters: int, budget_ms: float = 2000.0) -> float:
     least 3, so that the timed calls take about budget_ms."""
 
     def timed() -> float:
+        if DEVICE != "cuda":
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -136,13 +159,13 @@ def time_ms(fn, warmup: int, iters: int, budget_ms: float = 2000.0) -> float:
         return start.elapsed_time(end)
 
     fn()
-    torch.cuda.synchronize()
+    sync()
     first = timed()
     times = [first]  # a slow variant keeps its first timed call as a sample
     if first * warmup < budget_ms:
         for _ in range(warmup):
             fn()
-        torch.cuda.synchronize()
+        sync()
         times = []
     n = max(3, min(iters, int(budget_ms / max(first, 1e-3))))
     while len(times) < n:
@@ -150,7 +173,7 @@ def time_ms(fn, warmup: int, iters: int, budget_ms: float = 2000.0) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def bench_length(L: int, args, dtype, triton_op, reference_op) -> dict:
+def bench_length(L: int, args, dtype, triton_op, reference_op, grouped_op) -> dict:
     import torch.nn.functional as F
 
     batch = make_batch(L, args.batch_tokens, args.heads, args.dqk, args.dv, dtype, args.seed)
@@ -173,7 +196,8 @@ def bench_length(L: int, args, dtype, triton_op, reference_op) -> dict:
     for phase, backward in (("fwd", False), ("fwd_bwd", True)):
         flops = fwd_flops * (3.5 if backward else 1.0)
         timings = {}
-        for impl, op in (("triton", triton_op), ("reference", reference_op)):
+        impls = (("triton", triton_op), ("grouped", grouped_op), ("reference", reference_op))
+        for impl, op in impls:
             x = (
                 leaves(batch)
                 if backward
@@ -207,6 +231,7 @@ def bench_length(L: int, args, dtype, triton_op, reference_op) -> dict:
         result[phase]["triton_speedup_vs_reference"] = round(
             timings["reference"] / timings["triton"], 2
         )
+        result[phase]["triton_over_sdpa"] = round(timings["triton"] / timings["sdpa_padded"], 2)
     return result
 
 
@@ -224,7 +249,7 @@ def summary_table(results: list[dict]) -> str:
         "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        for impl in ("triton", "reference", "sdpa_padded"):
+        for impl in ("triton", "grouped", "reference", "sdpa_padded"):
             f, fb = r["fwd"][impl], r["fwd_bwd"][impl]
             lines.append(
                 f"| {r['max_seq_len']} | {impl} | {f['ms']:.3f} | {f['tokens_per_s']:.3e} "
@@ -253,8 +278,18 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--goal", action="store_true", help="L=1024,4096 bf16 (issue 22's run)")
+    p.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny")
     args = p.parse_args()
-    if not torch.cuda.is_available():
+    global DEVICE
+    if args.goal:
+        args.lengths, args.dtype = "1024,4096", "bf16"
+    if args.dry_run:  # before triton is imported: the interpreter runs the kernel on the CPU
+        os.environ["TRITON_INTERPRET"] = "1"
+        DEVICE = "cpu"
+        args.lengths, args.batch_tokens, args.dtype = "32,64", 192, "fp32"
+        args.heads, args.dqk, args.dv, args.warmup, args.iters = 2, 16, 16, 0, 1
+    elif not torch.cuda.is_available():
         msg = "no CUDA device visible: this benchmark measures the GPU kernels only"
         log(f"bench_attention_gpu: {msg}")
         print(json.dumps({"benchmark": "attention_gpu", "status": "no_cuda", "message": msg}))
@@ -265,9 +300,12 @@ def main() -> int:
     def reference_op(*a, **kw):
         return hstu_attention(*a, backend="reference", **kw)
 
+    def grouped_op(*a, **kw):
+        return hstu_attention(*a, backend="grouped", **kw)
+
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     results = [
-        bench_length(int(L), args, dtype, triton_hstu_attention, reference_op)
+        bench_length(int(L), args, dtype, triton_hstu_attention, reference_op, grouped_op)
         for L in args.lengths.split(",")
     ]
     log(summary_table(results))
@@ -276,7 +314,7 @@ def main() -> int:
             {
                 "benchmark": "attention_gpu",
                 "status": "ok" if all(r["correct"] for r in results) else "incorrect",
-                "device": torch.cuda.get_device_name(),
+                "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)",
                 "torch": torch.__version__,
                 "triton": triton_version(),
                 "float32_matmul_precision": torch.get_float32_matmul_precision(),

@@ -8,6 +8,7 @@ peak during one step, above what was allocated before it; the jagged path then r
 Triton kernel, the padded one plain PyTorch). Prints one JSON line.
 
     .venv/bin/python benchmarks/bench_hstu.py --batch 32 --iters 3
+    .venv/bin/python benchmarks/bench_hstu.py --ml1m-cell ragged   # the peer comparison's cell
     python benchmarks/bench_hstu.py --device cuda --batch 256 --max-len 1024 --iters 10
 """
 
@@ -123,7 +124,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda: Triton attention)")
+    ap.add_argument(
+        "--ml1m-cell",
+        choices=["ragged", "full"],
+        help="run only the ML-1M cell of the peer comparison (bench_hstu_ml1m.py)",
+    )
     args = ap.parse_args()
+    if args.ml1m_cell:
+        from bench_hstu_ml1m import run_ml1m_cell
+
+        print(json.dumps(run_ml1m_cell(args.ml1m_cell)))
+        return
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -2,12 +2,17 @@
 
     python benchmarks/bench_serve.py --requests 2000 --concurrency 16 [--no-aot]
     python benchmarks/bench_serve.py --artifact artifacts/x   # serve an existing export
+    python benchmarks/bench_serve.py --direct   # no HTTP: Artifact stages in this process
 
 Without --artifact it builds a fresh small HSTU retriever (untrained weights: latency does
 not depend on them), writes a one-process checkpoint and an item catalog into a temp dir,
 exports it (AOTInductor unless --no-aot) and serves it with Ray Serve. Histories are random
 catalog ids with increasing timestamps. Prints ONE JSON line: p50/p99 latency, throughput,
 error count. Progress goes to stderr; nothing is written into the repository.
+
+--direct times the same requests in this process, without Ray Serve or HTTP: p50 of
+`Artifact.recommend` for one request and for a batch of --concurrency requests, and of its
+stages (hashing + padding, the encoder program, the index search).
 """
 
 from __future__ import annotations
@@ -81,6 +86,50 @@ async def load(url: str, bodies: list[dict], concurrency: int) -> tuple[list[flo
     return latencies, errors, wall
 
 
+def p50_ms(fn, n: int) -> float:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return round(float(np.median(times)) * 1000.0, 3)
+
+
+def stage_p50s(art, reqs: list[dict], n: int) -> dict:
+    """p50 ms of Artifact.recommend on `reqs` as one batch, and of its stages."""
+    import torch
+
+    hist = [r["history"] for r in reqs]
+    ts = [r["timestamps"] for r in reqs]
+    k = reqs[0]["k"]
+    inputs = art._inputs(hist, ts, None)
+    states = art.encode(hist, ts)
+    exclude = [set(h) for h in hist]
+    for _ in range(5):  # warm-up
+        art.recommend(hist, k, ts)
+    out = {"recommend": p50_ms(lambda: art.recommend(hist, k, ts), n)}
+    out["hash_pad"] = p50_ms(lambda: art._inputs(hist, ts, None), n)
+    with torch.no_grad():
+        out["encoder"] = p50_ms(lambda: art.encoder(*inputs), n)
+    out["search"] = p50_ms(lambda: art.index.search(states, k, exclude), n)
+    return out
+
+
+def direct_breakdown(artifact: Path, bodies: list[dict], batch: int, n: int, threads: int) -> dict:
+    """p50 ms of Artifact.recommend (one request; a batch) and of its stages, in process."""
+    import torch
+
+    from genrec.deploy.artifact import Artifact
+
+    torch.set_num_threads(threads)
+    art = Artifact(artifact)
+    out = {"threads": threads}
+    for name, reqs in (("one", bodies[:1]), (f"batch{batch}", bodies[:batch])):
+        out.update({f"{name}_{s}_p50_ms": v for s, v in stage_p50s(art, reqs, n).items()})
+    out["backend"] = art.backend
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=2000)
@@ -93,6 +142,8 @@ def main() -> int:
     p.add_argument("--max-len", type=int, default=50)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--direct", action="store_true", help="in-process stage timings, no HTTP")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: serve's default)")
     args = p.parse_args()
 
     from genrec.deploy.artifact import read_manifest
@@ -122,8 +173,15 @@ def main() -> int:
             }
             for _ in range(args.requests + args.warmup)
         ]
+        if args.direct:
+            log("timing Artifact stages in process")
+            threads = args.threads or min(2, os.cpu_count() or 1)
+            result = direct_breakdown(artifact, bodies, args.concurrency, args.requests, threads)
+            os.dup2(stdout_fd, 1)
+            print(json.dumps({"bench": "serve_direct", "history": n_hist, **result}))
+            return 0
         log("starting Ray Serve")
-        handle = serve(str(artifact), port=free_port(), blocking=False)
+        handle = serve(str(artifact), port=free_port(), blocking=False, threads=args.threads)
         try:
             log(
                 f"warmup {args.warmup}, then {args.requests} requests at concurrency "

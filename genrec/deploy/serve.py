@@ -191,7 +191,7 @@ def serve(
     )
     quiet = LoggingConfig(log_level="WARNING", enable_access_log=False)
     ray_serve.start(http_options={"host": host, "port": port}, logging_config=quiet)
-    threads = threads or min(2, os.cpu_count() or 1)
+    threads = threads or 1  # intra-op threads per replica; scale with replicas
     deployment = GenrecService.options(ray_actor_options={"num_cpus": replica_cpus})
     ray_serve.run(
         deployment.bind(path, threads), name=name, route_prefix=route_prefix, logging_config=quiet

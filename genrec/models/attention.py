@@ -1,4 +1,5 @@
-"""The jagged HSTU attention op: one signature, a PyTorch reference, a Triton fast path.
+"""The jagged HSTU attention op: one signature, a PyTorch reference and two fast paths
+(grouped bmm with a hand-written backward for CPU, `attention_grouped.py`; Triton for CUDA).
 
     out = hstu_attention(q, k, v, offsets, max_seq_len, timestamps=..., pos_bias=...,
                          time_bias=..., num_targets=..., norm="length")
@@ -15,48 +16,46 @@ meets (i, j local to the sequence):
 
 The reference never pads the batch to max_seq_len: sequences are grouped by similar length
 (buckets at 2^k and 1.5 * 2^k), each group is padded only to its own longest sequence and
-split so that one group's score tensor stays under `_GROUP_SCORE_ELEMS`. Memory is then
+split so that one group's score tensor stays under `jagged.GROUP_SCORE_ELEMS`. Memory is then
 O(sum_b n_b^2) instead of O(B * max_seq_len^2). `hstu_attention_padded` is the same math on
-an already padded [B, L, ...] batch (used by export, where shapes must be static).
+an already padded [B, L, ...] batch (used by export, where shapes must be static). The
+grouped backend uses the same groups and must match the reference in outputs and gradients.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
 
-_GROUP_SCORE_ELEMS = 1 << 23  # max G * H * L * L scores materialized at once per group chunk
-
-
-_SQRT_INT64_MAX = 3037000499  # floor(sqrt(2^63 - 1)): the largest x whose square fits int64
+from genrec.models.attention_grouped import (
+    AttentionPlan,
+    checked_lengths,
+    grouped_attention,
+    plan_attention,
+)
+from genrec.models.jagged import length_groups, lengths_from_offsets, padded_rows
 
 
 def time_bucket(dt: torch.Tensor, num_buckets: int) -> torch.Tensor:
     """int64 bucket of a time gap in seconds: clamp(floor(2 * log2(1 + |dt|)), 0, num_buckets-1).
 
     Log buckets: gaps of seconds and of months both get resolution. Exact on every device:
-    floor(2 * log2(x)) = floor(log2(x^2)) for x = 1 + |dt|, computed in int64 (a float64
-    log2 is only an estimate: CUDA's returns 2.9999999999999996 for log2(8), so gaps of 7,
-    63, 4095 s landed one bucket low there). Gaps with x^2 >= 2^63 take bucket 63, as the
-    Triton kernel does.
+    floor(2 * log2(x)) = floor(log2(x^2)) >= k exactly when |dt| >= isqrt(2^k - 1) for
+    x = 1 + |dt|, so the bucket is the number of those integer edges at or below |dt| (a
+    float log2 is only an estimate: CUDA's returns 2.9999999999999996 for log2(8)). Gaps with
+    x^2 >= 2^63 take bucket 63, as the Triton kernel does.
     """
-    x = dt.abs().to(torch.int64) + 1
-    big = x > _SQRT_INT64_MAX
-    sq = torch.where(big, 1, x) ** 2
-    estimate = torch.floor(torch.log2(sq.to(torch.float64))).to(torch.int64)
-    b = torch.where(big, 63, floor_log2(sq, estimate))
-    return b.clamp(0, num_buckets - 1)
+    edges = torch.tensor(_time_edges(num_buckets), dtype=torch.int64, device=dt.device)
+    return torch.searchsorted(edges, dt.abs().to(torch.int64), right=True)
 
 
-def floor_log2(v: torch.Tensor, estimate: torch.Tensor) -> torch.Tensor:
-    """Exact floor(log2(v)) of int64 v >= 1, from an estimate within one of it."""
-    one = torch.ones_like(v)
-    b = estimate.clamp(0, 62)
-    b = b - (torch.bitwise_left_shift(one, b) > v).to(torch.int64)
-    up = (b < 62) & (torch.bitwise_left_shift(one, (b + 1).clamp_max(62)) <= v)
-    return b + up.to(torch.int64)
+@functools.lru_cache(maxsize=16)
+def _time_edges(num_buckets: int) -> tuple[int, ...]:
+    """The smallest |dt| of buckets 1, 2, ..., min(63, num_buckets - 1)."""
+    return tuple(math.isqrt(2**k - 1) for k in range(1, min(63, num_buckets - 1) + 1))
 
 
 def _allowed_and_positions(
@@ -119,26 +118,6 @@ def hstu_attention_padded(
     return torch.einsum("ghij,gjhd->gihd", a, v)
 
 
-def _length_groups(lengths: list[int], num_heads: int) -> list[tuple[list[int], int]]:
-    """Sequence indices grouped by length bucket, chunked to bound each group's scores."""
-    by_bucket: dict[int, list[int]] = {}
-    for b, n in enumerate(lengths):
-        if n == 0:
-            continue
-        top = 1 << max(0, (n - 1).bit_length())  # next power of two >= n
-        bucket = top * 3 // 4 if n <= top * 3 // 4 and top >= 8 else top
-        by_bucket.setdefault(bucket, []).append(b)
-    groups = []
-    for bucket in sorted(by_bucket):
-        members = by_bucket[bucket]
-        L = max(lengths[b] for b in members)
-        per_chunk = max(1, _GROUP_SCORE_ELEMS // (num_heads * L * L))
-        for s in range(0, len(members), per_chunk):
-            chunk = members[s : s + per_chunk]
-            groups.append((chunk, max(lengths[b] for b in chunk)))
-    return groups
-
-
 def hstu_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -154,14 +133,7 @@ def hstu_attention_reference(
 ) -> torch.Tensor:
     """PyTorch reference of the jagged op (length-grouped, see the module docstring)."""
     T, H, _ = q.shape
-    lengths_t = offsets[1:] - offsets[:-1]
-    lengths = lengths_t.tolist()
-    if lengths and max(lengths) > max_seq_len:
-        raise ValueError(
-            f"hstu_attention: a sequence has {max(lengths)} tokens > max_seq_len={max_seq_len}"
-        )
-    if num_targets is not None and bool((num_targets > lengths_t).any()):
-        raise ValueError("hstu_attention: num_targets[b] exceeds the length of sequence b")
+    checked_lengths(lengths_from_offsets(offsets), max_seq_len, num_targets)
 
     def group(rows: torch.Tensor, lens: torch.Tensor, idx_b: torch.Tensor) -> torch.Tensor:
         return hstu_attention_padded(
@@ -181,23 +153,20 @@ def hstu_attention_reference(
 
 
 def by_length_groups(offsets: torch.Tensor, num_heads: int, fn) -> torch.Tensor | None:
-    """Run a padded per-sequence computation group by group (`_length_groups`) and return
+    """Run a padded per-sequence computation group by group (`jagged.length_groups`) and return
     its outputs as jagged rows in token order, or None when there are no tokens.
 
     fn(rows [G, L], lengths [G], sequence indices [G]) -> [G, L, ...]: `rows` are the flat
     token rows of each group member, padded slots pointing at the sequence's first row;
     their outputs are dropped, so fn must keep padded slots out of the real ones."""
-    lengths_t = offsets[1:] - offsets[:-1]
+    lengths_t = lengths_from_offsets(offsets)
     rows_out: list[torch.Tensor] = []
     vals_out: list[torch.Tensor] = []
-    for members, L in _length_groups(lengths_t.tolist(), num_heads):
+    for members, L in length_groups(lengths_t.tolist(), num_heads):
         idx_b = torch.tensor(members, dtype=torch.int64, device=offsets.device)
-        lens = lengths_t[idx_b]
-        ar = torch.arange(L, device=offsets.device)
-        valid = ar[None, :] < lens[:, None]
-        rows = offsets[idx_b][:, None] + torch.where(valid, ar[None, :], 0)
+        rows, valid = padded_rows(offsets, idx_b, L)
         rows_out.append(rows[valid])
-        vals_out.append(fn(rows, lens, idx_b)[valid])
+        vals_out.append(fn(rows, lengths_t[idx_b], idx_b)[valid])
     if not rows_out:
         return None
     all_rows = torch.cat(rows_out)
@@ -228,8 +197,14 @@ def hstu_attention(
     num_targets: torch.Tensor | None = None,
     norm: str | float = "length",
     backend: str = "auto",
+    plan: AttentionPlan | None = None,
 ) -> torch.Tensor:
-    """Jagged causal (or target-aware) HSTU attention; [T, H, Dv]. Backend dispatch here."""
+    """Jagged causal (or target-aware) HSTU attention; [T, H, Dv]. Backend dispatch here.
+
+    backend: "triton" (CUDA), "grouped" (length groups of batched matmuls with a hand-written
+    backward, any device: `attention_grouped`), "reference" (autograd through the padded op),
+    or "auto" (triton on CUDA when it imports, else grouped). plan: the grouped backend's
+    layout work for this batch (`attention_plan`), shared by an encoder's layers."""
     kwargs = dict(
         timestamps=timestamps,
         pos_bias=pos_bias,
@@ -240,7 +215,20 @@ def hstu_attention(
     if time_bias is not None and timestamps is None:
         raise ValueError("hstu_attention: time_bias needs timestamps")
     if backend == "auto":
-        backend = "triton" if q.is_cuda and _triton_op() is not None else "reference"
+        backend = "triton" if q.is_cuda and _triton_op() is not None else "grouped"
+    if backend == "grouped":
+        if plan is None:
+            plan = attention_plan(
+                offsets,
+                max_seq_len,
+                q.shape[1],
+                timestamps,
+                pos_bias,
+                time_bias,
+                num_targets,
+                norm,
+            )
+        return grouped_attention(q, k, v, pos_bias, time_bias, plan)
     if backend == "reference":
         return hstu_attention_reference(q, k, v, offsets, max_seq_len, **kwargs)
     if backend == "triton":
@@ -251,4 +239,32 @@ def hstu_attention(
                 "import (needs triton and a CUDA device); use backend='reference'"
             )
         return op(q, k, v, offsets, max_seq_len, **kwargs)
-    raise ValueError(f"hstu_attention: backend must be auto|reference|triton, got {backend!r}")
+    raise ValueError(
+        f"hstu_attention: backend must be auto|grouped|reference|triton, got {backend!r}"
+    )
+
+
+def attention_plan(
+    offsets: torch.Tensor,
+    max_seq_len: int,
+    num_heads: int,
+    timestamps: torch.Tensor | None,
+    pos_bias: torch.Tensor | None,
+    time_bias: torch.Tensor | None,
+    num_targets: torch.Tensor | None,
+    norm: str | float,
+) -> AttentionPlan | None:
+    """The grouped backend's plan for a batch and a layer's bias tables (None on CUDA, where
+    "auto" runs the Triton kernel). Layers with equal bias sizes and norm share one plan."""
+    if offsets.is_cuda and _triton_op() is not None:
+        return None
+    return plan_attention(
+        offsets,
+        max_seq_len,
+        num_heads=num_heads,
+        timestamps=timestamps if time_bias is not None else None,
+        num_pos=pos_bias.numel() if pos_bias is not None else 0,
+        num_time=time_bias.numel() if time_bias is not None else 0,
+        num_targets=num_targets,
+        norm=norm,
+    )

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genrec.config import ModelConfig
-from genrec.models.attention import hstu_attention, hstu_attention_padded
+from genrec.models.attention import attention_plan, hstu_attention, hstu_attention_padded
 
 
 def max_tokens(cfg: ModelConfig) -> int:
@@ -73,7 +73,9 @@ class HSTULayer(nn.Module):
         max_seq_len: int,
         timestamps: torch.Tensor | None,
         num_targets: torch.Tensor | None = None,
+        plan=None,
     ) -> torch.Tensor:
+        """plan: `self.plan(...)` of this batch (from any layer of the same encoder)."""
         u, v, q, k = self._project(x)
         av = hstu_attention(
             q,
@@ -86,8 +88,28 @@ class HSTULayer(nn.Module):
             time_bias=self.time_bias,
             num_targets=num_targets,
             norm=self.norm,
+            plan=plan,
         )
         return self._output(x, u, av)
+
+    def plan(
+        self,
+        offsets: torch.Tensor,
+        max_seq_len: int,
+        timestamps: torch.Tensor | None,
+        num_targets: torch.Tensor | None = None,
+    ):
+        """The attention op's layout work for this batch (None where the op plans nothing)."""
+        return attention_plan(
+            offsets,
+            max_seq_len,
+            self.num_heads,
+            timestamps,
+            self.pos_bias,
+            self.time_bias,
+            num_targets,
+            self.norm,
+        )
 
     def forward_padded(
         self,
@@ -131,8 +153,10 @@ class HSTUEncoder(nn.Module):
         timestamps: torch.Tensor | None,
         num_targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        # every layer has the same heads, bias sizes and norm: one plan serves the stack
+        plan = self.layers[0].plan(offsets, max_seq_len, timestamps, num_targets)
         for layer in self.layers:
-            x = layer(x, offsets, max_seq_len, timestamps, num_targets)
+            x = layer(x, offsets, max_seq_len, timestamps, num_targets, plan=plan)
         return self.final_norm(x)
 
     def forward_padded(

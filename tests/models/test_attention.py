@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from genrec.models.attention import (
-    _length_groups,
-    floor_log2,
+    attention_plan,
     hstu_attention,
     hstu_attention_padded,
     time_bucket,
 )
+from genrec.models.jagged import length_groups
 
 H, DQK, DV, P, NB = 2, 8, 6, 20, 16
 
@@ -170,24 +170,21 @@ def test_time_bucket_values():
 
 
 def test_time_bucket_is_exact_integer_arithmetic():
-    """floor(log2((1+|dt|)^2)) by Python's exact bit_length at every bucket edge, and the
-    integer correction recovers it from estimates one off in either direction (what a
-    not-correctly-rounded GPU log2 gives; CUDA's log2(8) is 2.9999999999999996)."""
+    """floor(log2((1+|dt|)^2)) by Python's exact bit_length at every bucket edge (one off
+    either side), up to gaps past 2^32 s, and every bucket count up to 64."""
     xs = sorted({e + d for k in range(1, 64) for e in (round(2 ** (k / 2)),) for d in (-1, 0, 1)})
     xs = [x for x in xs if 1 <= x <= 2**33]
     dt = torch.tensor([x - 1 for x in xs])
     want = torch.tensor([min((x * x).bit_length() - 1, 63) for x in xs])
     assert torch.equal(time_bucket(dt, 64), want)
     assert torch.equal(time_bucket(-dt, 64), want)
-    v = torch.tensor([x * x for x in xs if x * x < 2**63])
-    exact = torch.tensor([(int(u)).bit_length() - 1 for u in v])
-    for off in (-1, 0, 1):
-        assert torch.equal(floor_log2(v, exact + off), exact), off
+    for nb in (1, 2, 7, 64, 128):
+        assert torch.equal(time_bucket(dt, nb), want.clamp_max(nb - 1)), nb
 
 
 def test_length_groups_do_not_pad_short_sequences_to_the_longest():
     lengths = [3] * 100 + [500] + [0, 40]
-    groups = _length_groups(lengths, num_heads=2)
+    groups = length_groups(lengths, num_heads=2)
     covered = sorted(b for members, _ in groups for b in members)
     assert covered == [b for b, n in enumerate(lengths) if n > 0]
     for members, L in groups:
@@ -195,3 +192,60 @@ def test_length_groups_do_not_pad_short_sequences_to_the_longest():
         assert all(lengths[b] * 2 > L for b in members)  # within a factor 2 of the pad
     padded_scores = sum(len(m) * L * L for m, L in groups)
     assert padded_scores <= 2 * sum(n * n for n in lengths)
+
+
+@pytest.mark.parametrize(
+    "with_targets,biases,norm",
+    [
+        (False, "both", "length"),
+        (True, "both", "length"),
+        (False, "pos", 9.0),
+        (True, "time", "length"),
+        (False, "none", 7.0),
+    ],
+)
+def test_grouped_backend_matches_reference_outputs_and_all_grads(with_targets, biases, norm):
+    """The fast path (hand-written backward, one shared plan) against autograd through the
+    padded reference: outputs and the gradients of q, k, v and both bias tables."""
+    lengths = [5, 0, 1, 23, 9, 33, 2, 17, 30, 64, 3, 48, 47]
+    q, k, v, offsets, ts, pb, tb, nt = random_batch(lengths, seed=7, with_targets=with_targets)
+    pb = pb if biases in ("both", "pos") else None
+    tb = tb if biases in ("both", "time") else None
+    kw = dict(timestamps=ts, pos_bias=pb, time_bias=tb, num_targets=nt, norm=norm)
+    want = hstu_attention(q, k, v, offsets, 64, backend="reference", **kw)
+    got = hstu_attention(q, k, v, offsets, 64, backend="grouped", **kw)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    w = torch.randn_like(want)
+    params = [t for t in (q, k, v, pb, tb) if t is not None]
+    g_want = torch.autograd.grad((want * w).sum(), params)
+    g_got = torch.autograd.grad((got * w).sum(), params)
+    for name, a, b in zip("q k v pos time".split(), g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    for g in g_got[3:]:  # the bias tables really receive gradient
+        assert float(g.abs().sum()) > 0
+
+
+def test_grouped_plan_is_shared_and_checked():
+    q, k, v, offsets, ts, pb, tb, _ = random_batch([7, 12, 3], seed=8)
+    plan = attention_plan(offsets, 12, H, ts, pb, tb, None, "length")
+    kw = dict(timestamps=ts, pos_bias=pb, time_bias=tb)
+    with_plan = hstu_attention(q, k, v, offsets, 12, plan=plan, **kw)
+    again = hstu_attention(q * 2, k, v, offsets, 12, plan=plan, **kw)  # reused plan
+    torch.testing.assert_close(with_plan, hstu_attention(q, k, v, offsets, 12, **kw))
+    torch.testing.assert_close(again, hstu_attention(q * 2, k, v, offsets, 12, **kw))
+    with pytest.raises(ValueError, match="plan made for"):
+        hstu_attention(q, k, v, offsets, 12, plan=plan, timestamps=ts, pos_bias=pb)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        hstu_attention(q, k, v, offsets, 11, **kw)
+
+
+def test_grouped_backend_bf16_follows_float32():
+    q, k, v, offsets, ts, pb, tb, nt = random_batch([6, 19, 31], seed=9, with_targets=True)
+    kw = dict(timestamps=ts, pos_bias=pb, time_bias=tb, num_targets=nt)
+    want = hstu_attention(q, k, v, offsets, 31, backend="grouped", **kw)
+    half = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    got = hstu_attention(*half, offsets, 31, backend="grouped", **kw)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
+    got.float().sum().backward()
+    assert all(t.grad.dtype == torch.bfloat16 for t in half) and pb.grad.dtype == torch.float32
