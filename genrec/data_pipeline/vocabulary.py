@@ -17,8 +17,9 @@ Counts come from prepare's Ray item tasks (items.parquet: every item with its ev
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,7 @@ class Vocabulary:
     overflow_rows: int
     min_count: int
     hash_version: int = 1
+    source: str = field(default="", compare=False)  # the file it was read from, if any
 
     def __post_init__(self):
         if self.overflow_rows < 1:
@@ -56,6 +58,13 @@ class Vocabulary:
     @property
     def num_rows(self) -> int:
         return int(self.ids.size) + self.overflow_rows
+
+    def digest(self) -> np.ndarray:
+        """sha256 of the mapping (feature, ids in row order, overflow rows, hash version) as
+        4 int64: what a checkpoint records to catch a different vocabulary later."""
+        h = hashlib.sha256(f"{self.feature}|{self.overflow_rows}|{self.hash_version}|".encode())
+        h.update(np.ascontiguousarray(self.ids, dtype="<i8").tobytes())
+        return np.frombuffer(h.digest(), dtype="<i8").copy()
 
     @classmethod
     def from_counts(
@@ -149,6 +158,7 @@ class Vocabulary:
             int(meta["overflow_rows"]),
             int(meta["min_count"]),
             int(meta["hash_version"]),
+            str(path),
         )
         if vocab.num_rows != int(meta["num_rows"]):
             raise ValueError(f"{path}: {vocab.num_rows} rows, metadata says {meta['num_rows']}")

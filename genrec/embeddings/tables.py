@@ -164,14 +164,23 @@ def load_vocabularies(cfg: EmbeddingsConfig, prepared_dir: str) -> dict[str, Voc
         if t.kind != "vocab":
             continue
         for f in t.features:
-            fix = (
-                f"table {t.name!r} is kind: vocab; build the file with `genrec prepare ... "
-                "--vocab-min-count N`, point data.prepared_dir at the prepared data that has "
-                "it, or use kind: hashed"
-            )
-            out[f] = Vocabulary.read(prepared_dir, f, fix=fix)
+            out[f] = read_vocabulary(prepared_dir, t, f)
             check_vocab_rows(out[f], t, vocab_path(prepared_dir, f))
     return out
+
+
+def read_vocabulary(prepared_dir: str, t: TableConfig, feature: str) -> Vocabulary:
+    """The vocabulary file of `feature` of vocab table `t`; a missing one fails naming it."""
+    fix = (
+        f"table {t.name!r} is kind: vocab; build the file with `genrec prepare ... "
+        "--vocab-min-count N`, point data.prepared_dir at the prepared data that has "
+        "it, or use kind: hashed"
+    )
+    return Vocabulary.read(prepared_dir, feature, fix=fix)
+
+
+def vocab_digest_name(feature: str) -> str:
+    return f"vocab_digest_{feature}"
 
 
 class ReplicatedTable(torch.nn.Module):
@@ -256,8 +265,13 @@ class SparseEmbeddings(torch.nn.Module):
                         "was given; build the module with SparseEmbeddings.from_config, which "
                         "reads PREPARED/vocab/FEATURE.parquet from data.prepared_dir"
                     )
-                check_vocab_rows(vocabularies[f], t, f"vocabulary of {f!r}")
+                check_vocab_rows(vocabularies[f], t, vocabularies[f].source or repr(f))
                 self._vocab[f] = vocabularies[f]
+                # the checkpoint records which vocabulary the rows were trained under
+                self.register_buffer(
+                    vocab_digest_name(f), torch.from_numpy(self._vocab[f].digest())
+                )
+        self._vocab_checked = False
         self.replicated = torch.nn.ModuleDict({t.name: ReplicatedTable(t, device) for t in dp})
         self.ec: EmbeddingCollection | None = None
         self.mc_ec: ManagedCollisionEmbeddingCollection | None = None
@@ -304,6 +318,27 @@ class SparseEmbeddings(torch.nn.Module):
         raise KeyError(f"no hashed or direct table {name!r} (replicated or in ec)")
 
     @property
+    def vocabularies(self) -> dict[str, Vocabulary]:
+        """{feature: Vocabulary} of the kind: vocab tables (export copies their files)."""
+        return dict(self._vocab)
+
+    def check_vocabularies(self) -> None:
+        """Fail naming the file when a vocab table's vocabulary is not the one its weights
+        were trained under (the digest a loaded checkpoint put in the buffer differs)."""
+        for f, vocab in self._vocab.items():
+            recorded = getattr(self, vocab_digest_name(f))
+            if recorded.is_meta:
+                continue
+            if not torch.equal(recorded.cpu(), torch.from_numpy(vocab.digest())):
+                raise ValueError(
+                    f"{vocab.source or f}: this vocabulary of {f!r} is not the one the "
+                    "checkpoint's rows were trained under (its recorded digest differs): "
+                    "point data.prepared_dir at the prepared data of that training run (or "
+                    "restore its vocab/ file), or train anew on this vocabulary"
+                )
+        self._vocab_checked = True
+
+    @property
     def features(self) -> list[str]:
         return list(self._table_of)
 
@@ -318,6 +353,8 @@ class SparseEmbeddings(torch.nn.Module):
         Configured features missing from `kjt` get zero lengths (sharded collections want
         every key); keys that no table embeds (e.g. "action") are not looked up.
         """
+        if self._vocab and not self._vocab_checked:  # once, after any checkpoint load
+            self.check_vocabularies()
         jts = kjt.to_dict()
         stride = kjt.stride()
         empty_lengths = torch.zeros(stride, dtype=torch.int32, device=kjt.values().device)

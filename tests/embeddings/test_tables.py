@@ -323,6 +323,20 @@ def test_vocab_table_maps_ids_through_the_prepared_vocabulary(tmp_path, replicat
     w = m.table_weight("item")
     assert w.shape[0] == vocab.num_rows
     assert torch.equal(out, w.detach()[rows])
+    # weights trained under another vocabulary of the same size: refused at the first lookup
+    sd = m.state_dict()
+    assert torch.equal(sd["vocab_digest_item_id"], torch.from_numpy(vocab.digest()))
+    other = Vocabulary.from_counts(np.array([8, 3, 2, 5]), np.array([9, 4, 4, 2]), 1, 3)
+    assert other.num_rows == vocab.num_rows
+    sd["vocab_digest_item_id"] = torch.from_numpy(other.digest())
+    fresh = SparseEmbeddings.from_config(cfg)
+    fresh.load_state_dict(sd)
+    with pytest.raises(
+        ValueError,
+        match=r"item_id.parquet: this vocabulary of 'item_id' is not "
+        r"the one the checkpoint's rows were trained under",
+    ):
+        fresh(kjt)
     cfg.embeddings.tables[0].num_embeddings = 100
     with pytest.raises(
         ValueError,
