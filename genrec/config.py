@@ -100,8 +100,11 @@ class TableConfig:
     # hashed: k seeded hashes of the raw id, rows summed (any int64 id, fixed memory);
     # direct: the raw id IS the row, one row per id and no collisions, for catalogs whose
     # ids are dense integers below num_embeddings (an id outside fails naming it);
-    # managed_collision: TorchRec's MCH remaps ids, keeping the most frequent
-    kind: Literal["hashed", "direct", "managed_collision"] = "hashed"
+    # managed_collision: TorchRec's MCH remaps ids, keeping the most frequent;
+    # vocab: rows from the feature's vocabulary file beside the prepared shards
+    # (PREPARED/vocab/FEATURE.parquet, `genrec prepare --vocab-min-count N`): frequent ids
+    # a row each, the rest hashed overflow rows; num_embeddings must equal its row count
+    kind: Literal["hashed", "direct", "managed_collision", "vocab"] = "hashed"
     num_hashes: int = 1  # k seeded hash functions, rows summed (k=1: hashing trick)
     # per-coordinate std of an id's embedding (the sum of its k rows) at init; 0: 1/sqrt(dim).
     # Raw dot-product models want it small (SASRec's recipe: 0.02)

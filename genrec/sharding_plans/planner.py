@@ -9,11 +9,13 @@ EmbeddingShardingPlanner on the configured topology with per-table ParameterCons
 shapes, so a model on the meta device plans a cluster that is not here. data_parallel
 tables are not in the plan: SparseEmbeddings replicates them (DDP), and `describe_plan`
 and `rank_memory` list them from the config. A model whose tables are all data_parallel
-gets an empty plan (DMP then only wraps it in DDP).
+gets an empty plan (DMP then only wraps it in DDP). `genrec plan` sizes kind: vocab tables
+from their vocabulary files beside the prepared shards (`sized_by_vocabularies`).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -335,16 +337,40 @@ def describe_plan(
     return "\n".join(lines)
 
 
+def sized_by_vocabularies(cfg: Config) -> tuple[Config, dict, list[str]]:
+    """(a copy of cfg whose kind: vocab tables have their vocabulary's row count as
+    num_embeddings, {feature: Vocabulary}, a note per table whose config said otherwise).
+    The files are read from data.prepared_dir; a missing one fails naming it."""
+    from genrec.embeddings.tables import read_vocabulary
+
+    cfg = copy.deepcopy(cfg)
+    vocabularies, notes = {}, []
+    for t in cfg.embeddings.tables:
+        for f in t.features if t.kind == "vocab" else ():
+            vocab = read_vocabulary(cfg.data.prepared_dir, t, f)
+            vocabularies[f] = vocab
+            if vocab.num_rows != t.num_embeddings:
+                notes.append(
+                    f"table {t.name!r}: {vocab.num_rows} rows from {vocab.source} (config says "
+                    f"{t.num_embeddings}; set num_embeddings: {vocab.num_rows} to train it)"
+                )
+                t.num_embeddings = vocab.num_rows
+    return cfg, vocabularies, notes
+
+
 def plan_command(cfg: Config, save: str = "") -> int:
-    """`genrec plan CONFIG`: plan on the meta device for the configured topology."""
+    """`genrec plan CONFIG`: plan on the meta device for the configured topology; vocab
+    tables are sized from their vocabulary files."""
     from genrec.embeddings.tables import SparseEmbeddings
 
+    cfg, vocabularies, notes = sized_by_vocabularies(cfg)
     topo = cfg.sharding.topology
     module = SparseEmbeddings(
         cfg.embeddings,
         device=torch.device("meta"),
         mc_buckets=topo.world_size,
         replicated=replicated_tables(cfg),
+        vocabularies=vocabularies,
     )
     plan = build_plan(cfg, module, world_size=topo.world_size, device_type=topo.device)
     print(
@@ -352,6 +378,8 @@ def plan_command(cfg: Config, save: str = "") -> int:
         f"{topo.world_size // topo.hosts} {topo.device}, {topo.hbm_gb:g} GiB each), "
         f"strategy {cfg.sharding.strategy}"
     )
+    for note in notes:
+        print(f"vocab {note}")
     print(describe_plan(plan, cfg, topo.world_size))
     if save:
         save_plan(plan, save)
