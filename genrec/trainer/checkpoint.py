@@ -4,9 +4,12 @@ A checkpoint is a directory `RUN/checkpoints/step-NNNNNNNN/` holding
 - the `torch.distributed.checkpoint` (DCP) files of the model and optimizer state: sharded
   tables are written by their owners and can be read back by any world size (2 -> 1, 1 -> 2);
 - `state.json`: step, stream position, world size, config, the trainer's counters;
-- `tensors-rank-R.safetensors`: each rank's small dense state (the count-min sketch, the
-  popularity sampler's ring, the baseline's counts) — no pickles anywhere. Resumed at another
-  world size, rank r reads the file of rank r mod (old world size).
+- `tensors-shared.safetensors` (rank 0 only): the task's host state that every rank holds
+  alike (the synced frequency sketch, the baseline's synced counts), written once;
+- `tensors-rank-R.safetensors`: each rank's own host state (its frequency and count deltas
+  since the last sync, the popularity sampler's ring) — no pickles anywhere. Resumed at the
+  same world size, rank r reads the shared file and its own; at another world size every
+  rank reads every old rank's file and the task reshards them exactly (tasks.py).
 
 Writes are atomic: everything goes to `.tmp-step-N` beside the last good checkpoint and is
 renamed into place only after every rank finished; the last `keep_last` are kept (and one
@@ -29,6 +32,7 @@ from genrec.trainer.distributed import barrier
 
 PREFIX = "step-"
 STATE_FILE = "state.json"
+SHARED_FILE = "tensors-shared.safetensors"
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -62,10 +66,13 @@ def save_checkpoint(
     app_state: dict[str, Any],
     state: dict[str, Any],
     tensors: dict[str, torch.Tensor],
+    shared: dict[str, torch.Tensor] | None = None,
     keep_last: int = 2,
     protect: Path | None = None,
 ) -> Path:
-    """Collective: every rank calls it. `app_state` holds model/optimizer state dicts.
+    """Collective: every rank calls it. `app_state` holds model/optimizer state dicts,
+    `tensors` this rank's host state, `shared` the host state equal on every rank (rank 0
+    writes it).
     Of older checkpoints the last `keep_last` are kept, and `protect` (epochs mode's best)."""
     root = checkpoint_root(run_dir)
     final = checkpoint_path(run_dir, step)
@@ -78,10 +85,9 @@ def save_checkpoint(
     barrier()
     dcp.save(app_state, checkpoint_id=str(tmp))
     rank = dist.get_rank() if dist.is_initialized() else 0
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-        tmp / tensors_file(rank),
-    )
+    save_file(_host(tensors), tmp / tensors_file(rank))
+    if rank == 0:
+        save_file(_host(shared or {}), tmp / SHARED_FILE)
     barrier()
     if _is_main():
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True))
@@ -106,8 +112,25 @@ def tensors_file(rank: int) -> str:
     return f"tensors-rank-{rank}.safetensors"
 
 
-def read_tensors(path: str | Path, rank: int, saved_world_size: int) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(path) / tensors_file(rank % max(1, saved_world_size))))
+def _host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # copies: safetensors refuses views that share a buffer (a sketch's counters and total)
+    return {
+        k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in tensors.items()
+    }
+
+
+def read_tensors(path: str | Path, rank: int) -> dict[str, torch.Tensor]:
+    """The host state saved by `rank`."""
+    p = Path(path) / tensors_file(rank)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} is missing: the checkpoint is incomplete")
+    return load_file(str(p))
+
+
+def read_shared_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The host state every rank held alike (empty for checkpoints from before it existed)."""
+    p = Path(path) / SHARED_FILE
+    return load_file(str(p)) if p.is_file() else {}
 
 
 def load_sharded(path: str | Path, app_state: dict[str, Any]) -> None:

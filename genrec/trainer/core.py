@@ -97,12 +97,14 @@ class TrainerCore:
                 **self.progress_state(),
             }
             self._saved_step = self.step
+            shared, own = self.task.state_tensors()
             return ckpt.save_checkpoint(
                 self.run_dir,
                 self.step,
                 self._app_state(),
                 state,
-                self.task.state_tensors(),
+                own,
+                shared=shared,  # equal on every rank: saved once
                 keep_last=self.cfg.trainer.keep_last,
                 protect=self.protected_checkpoint(),
             )
@@ -113,13 +115,22 @@ class TrainerCore:
         self.model.load_state_dict(app["model"])
         self.optimizer.load_state_dict(app["optim"])
         state = ckpt.read_state(path)
-        self.task.load_state_tensors(
-            ckpt.read_tensors(path, self.ctx.rank, int(state["world_size"]))
-        )
+        self._restore_task_state(path, int(state["world_size"]))
         self.step = self._saved_step = int(state["step"])
         self.logger.resume_at(self.step)
         self.history = list(state.get("history", []))
         self.load_progress_state(state)
+
+    def _restore_task_state(self, path: Path, saved_world: int) -> None:
+        """Same world size: the shared state and this rank's own. Another world size: every
+        old rank's own state, resharded exactly by the task (nothing lost or counted twice)."""
+        shared = ckpt.read_shared_tensors(path)
+        rank, world = self.ctx.rank, self.ctx.world_size
+        if saved_world == world:
+            self.task.load_state_tensors(shared, ckpt.read_tensors(path, rank))
+        else:
+            owns = [ckpt.read_tensors(path, r) for r in range(saved_world)]
+            self.task.load_state_tensors(*self.task.reshard(shared, owns, world)[rank])
 
     def has_checkpoint(self) -> bool:
         return ckpt.latest_checkpoint(self.run_dir) is not None

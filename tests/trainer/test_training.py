@@ -44,13 +44,15 @@ def _cfg(base: Path, run: str, *extra: str):
         "embeddings.tables=[{name: item, num_embeddings: 4096, dim: 32, features: [item_id]}]",
         # the resume point (STEPS // 2) falls inside the warm-up: the schedule must resume too
         f"trainer.warmup_steps={STEPS}",
+        # linear sketches: a 2-rank run resharded to 1 rank counts exactly like 2 ranks
+        "embeddings.frequency.conservative=false",
         *extra,
     )
 
 
 @pytest.fixture(scope="module")
 def runs(prepared):
-    full = _cfg(prepared, "full", f"trainer.max_steps={STEPS}")
+    full = _cfg(prepared, "full", f"trainer.max_steps={STEPS}", "trainer.keep_last=100")
     train(full, resume=False)
     half = _cfg(prepared, "half", f"trainer.max_steps={STEPS // 2}")
     train(half, resume=False)
@@ -122,6 +124,35 @@ def test_checkpoint_reshards_2_to_1_and_1_to_2(runs):
         for k, v in expected.items():
             key = k if k in got else "_dmp_wrapped_module." + k
             torch.testing.assert_close(got[key], v, rtol=0, atol=0, msg=k)
+
+
+def test_mid_window_checkpoint_resumed_on_1_rank_counts_like_2_ranks(runs):
+    """A 2-rank run stopped inside a window, resumed on 1 rank to that window's end: its
+    popularity state (frequency sketch, baseline counts) equals the uninterrupted 2-rank run's
+    at the same window end: every rank's delta carried once, none lost or counted twice."""
+    mid = STEPS // 2 - 2  # windows here are ~4 steps long and the 12th step ends one
+    train(_cfg(runs, "mid", f"trainer.max_steps={mid}"), resume=False)
+    stop = ckpt.latest_checkpoint(runs / "mid")
+    position = ckpt.read_state(stop)["position"]
+    assert ckpt.read_state(stop)["history"][-1]["window"] < position["window"], "not mid-window"
+    owns = [ckpt.read_tensors(stop, r) for r in range(2)]
+    assert all(float(o["frequency.delta.total"]) > 0 for o in owns)  # deltas to carry
+    shutil.copytree(runs / "mid", runs / "half_to_1")
+    one = _cfg(runs, "half_to_1", "trainer.world_size=1", f"data.windows=[{position['window']}]")
+    train(one, resume=True)
+    got_path = ckpt.latest_checkpoint(runs / "half_to_1")
+    got = ckpt.read_shared_tensors(got_path)
+    assert ckpt.read_state(got_path)["history"][-1]["window"] == position["window"]
+    at_end = [
+        p
+        for p in ckpt.list_checkpoints(runs / "full")
+        if ckpt.read_state(p)["history"][-1:]
+        and ckpt.read_state(p)["history"][-1]["window"] == position["window"]
+    ]
+    want = ckpt.read_shared_tensors(at_end[0])  # the first one after the window ended
+    for key in ("frequency.synced.counters", "frequency.synced.total", "baseline.counts"):
+        assert float(want[key].sum()) > 0, key
+        assert torch.equal(got[key], want[key]), key
 
 
 def _first_step_updates(rank: int, world_size: int, base: str) -> dict:
