@@ -191,11 +191,13 @@ class TrainerCore:
             self.logger.log(kind, x, values, window)
 
     def check_replicas(self) -> None:
-        """Dense parameters are data-parallel: every rank must hold the same values."""
+        """Dense parameters are data-parallel: every rank must hold the same values (summed on
+        the device, compared on the host group: one readback per window)."""
         with torch.no_grad():
             total = torch.stack([p.detach().double().sum() for p in self.dense_params]).sum()
-        lo = all_reduce_(total.clone().cpu(), dist.ReduceOp.MIN)
-        hi = all_reduce_(total.clone().cpu(), dist.ReduceOp.MAX)
+        total = total.cpu()
+        lo = all_reduce_(total.clone(), dist.ReduceOp.MIN)
+        hi = all_reduce_(total.clone(), dist.ReduceOp.MAX)
         if not torch.isclose(lo, hi, rtol=1e-9, atol=1e-9):
             raise RuntimeError(
                 f"dense replicas diverged across ranks (param sums {float(lo)} vs {float(hi)}): "

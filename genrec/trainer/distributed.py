@@ -1,4 +1,21 @@
-"""Process groups and devices: gloo on CPU, NCCL on CUDA; the same code for every launcher."""
+"""Process groups and devices: gloo on CPU, NCCL on CUDA; the same code for every launcher.
+
+This module owns which group every trainer collective uses:
+
+  the default ("device") group   gloo on CPU, NCCL on CUDA. Only the model's own collectives
+                                 travel on it (TorchRec's embedding all-to-alls, DDP's
+                                 gradient all-reduce), on device tensors. NCCL has no CPU
+                                 backend: a CPU tensor sent over it fails ("No backend type
+                                 associated with device type cpu").
+  the host group (`host_group`)  a gloo group over the same ranks, created once beside the
+                                 default group: every host-side collective of the trainer
+                                 (the stream agreement flag, the replica check, metric sums and
+                                 gathers, baseline counts, the frequency sketch, checkpoint
+                                 barriers) goes through the helpers below, on CPU tensors.
+
+Nothing else in genrec calls torch.distributed collectives; tests/trainer/nccl_emulation.py
+makes any CPU tensor on the default group fail, as NCCL does, and trains under it.
+"""
 
 from __future__ import annotations
 
@@ -79,6 +96,7 @@ def init_distributed(
             world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
+    host_group()  # created once, by every rank at the same point
     return DistContext(rank, world_size, local_rank, local_world_size, device, backend)
 
 
@@ -87,6 +105,7 @@ def context_from_initialized(device_type: str) -> DistContext:
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    host_group()
     return DistContext(
         rank,
         world,
@@ -97,31 +116,63 @@ def context_from_initialized(device_type: str) -> DistContext:
     )
 
 
+_HOST: tuple[object, object] | None = None  # (the default group it belongs to, gloo group)
+
+
+def _distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def host_group() -> dist.ProcessGroup | None:
+    """The gloo group for host (CPU) tensors, over every rank; None when not distributed.
+
+    Created once per default group (collective: every rank creates it at the same point,
+    `init_distributed` / `context_from_initialized`). A gloo default group gets its own
+    side group all the same: one code path, whatever the device."""
+    global _HOST
+    if not _distributed():
+        return None
+    world = dist.group.WORLD
+    if _HOST is None or _HOST[0] is not world:
+        _HOST = (world, dist.new_group(backend="gloo"))
+    return _HOST[1]  # type: ignore[return-value]
+
+
+def _host_tensor(t: torch.Tensor, what: str) -> torch.Tensor:
+    if t.device.type != "cpu":
+        raise ValueError(
+            f"{what} takes host (CPU) tensors, got one on {t.device}: device tensors travel "
+            "on the default group inside the model; copy trainer state to the host first"
+        )
+    return t
+
+
 def all_reduce_(t: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=op)
+    """Reduce a host tensor in place across ranks, on the host group."""
+    if _distributed():
+        dist.all_reduce(_host_tensor(t, "all_reduce_"), op=op, group=host_group())
     return t
 
 
 def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+    """Wait for every rank (on the host group: no device work queued behind it)."""
+    if _distributed():
+        dist.barrier(group=host_group())
 
 
 def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
-    """Every rank's [n_r, ...] rows concatenated in rank order (n_r may differ by rank).
-
-    The one place host-side metrics gather variable-length tensors (CPU, the default
-    group: gloo here; on a NCCL cluster this is where a gloo side group goes).
-    """
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    """Every rank's [n_r, ...] host rows concatenated in rank order (n_r may differ by
+    rank), on the host group."""
+    if not _distributed():
         return t
+    group = host_group()
+    _host_tensor(t, "all_gather_rows")
     n = torch.tensor([t.shape[0]], dtype=torch.int64)
     sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, n)
+    dist.all_gather(sizes, n, group=group)
     most = int(max(int(s) for s in sizes))
     padded = t.new_zeros((most, *t.shape[1:]))
     padded[: t.shape[0]] = t
     parts = [torch.zeros_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)
+    dist.all_gather(parts, padded, group=group)
     return torch.cat([p[: int(s)] for p, s in zip(parts, sizes)])

@@ -30,6 +30,7 @@ from genrec.data_pipeline.batch import Batch
 from genrec.embeddings.frequency import FrequencyState, PopularitySampler
 from genrec.models.ranking import candidate_events
 from genrec.models.retrieval import target_events
+from genrec.trainer.distributed import host_group
 from genrec.trainer.negatives import NegativeSampler
 from genrec.trainer.progressive import (
     ItemRateBaseline,
@@ -116,7 +117,7 @@ class RetrievalTask:
 
     def sync(self) -> None:
         """Window end: fold the ranks' frequency deltas in (then decay) and the baseline's."""
-        self.frequency.end_window_()
+        self.frequency.end_window_(host_group())  # the sketch lives on the host
         self.baseline.sync()
 
     def state_tensors(self) -> tuple[Tensors, Tensors]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from genrec.trainer import checkpoint as ckpt
@@ -153,6 +154,45 @@ def test_mid_window_checkpoint_resumed_on_1_rank_counts_like_2_ranks(runs):
     for key in ("frequency.synced.counters", "frequency.synced.total", "baseline.counts"):
         assert float(want[key].sum()) > 0, key
         assert torch.equal(got[key], want[key]), key
+
+
+def _train_nccl_emulated(rank: int, world_size: int, base: str) -> dict:
+    """Train under the NCCL emulation across a window end and a checkpoint, then resume."""
+    from genrec.embeddings.frequency import CountMinSketch
+    from genrec.trainer.distributed import all_gather_rows, context_from_initialized
+    from genrec.trainer.stream_runner import StreamTrainer
+
+    from .nccl_emulation import install
+
+    install()
+    ctx = context_from_initialized("cpu")
+    # the emulation bites: the old trainer's calls (CPU tensors on the default group) fail
+    caught = []
+    for old_call in (
+        lambda: dist.all_reduce(torch.ones(2)),
+        lambda: CountMinSketch(1, 8, conservative=False).all_reduce_(),
+    ):
+        with pytest.raises(RuntimeError, match="No backend type associated with device type cpu"):
+            old_call()
+        caught.append(True)
+    rows = all_gather_rows(torch.full((rank + 1, 2), float(rank)))
+    run = _cfg(Path(base), "nccl", "trainer.max_steps=6", "trainer.checkpoint_every=3")
+    trainer = StreamTrainer(run, ctx)
+    history = trainer.run(resume=False, progress=False)
+    again = StreamTrainer(_cfg(Path(base), "nccl", "trainer.max_steps=7"), ctx)
+    again.run(resume=True, progress=False)  # restore + one more step, still under NCCL rules
+    return {"caught": caught, "rows": rows.tolist(), "history": history, "step": again.step}
+
+
+def test_trainer_collectives_are_nccl_safe(prepared):
+    """2 gloo ranks whose default group refuses CPU tensors from genrec, as NCCL does: a run
+    through a window end (metrics, replica check, frequency and baseline sync), checkpoints
+    and a resume completes, its host state going over the gloo host group."""
+    out = run_on_ranks(_train_nccl_emulated, world_size=2, args=(str(prepared),))
+    assert all(o["caught"] == [True, True] for o in out)
+    assert out[0]["rows"] == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
+    assert out[0]["history"] and out[0]["history"][0]["positions"] > 0
+    assert [o["step"] for o in out] == [7, 7]
 
 
 def _first_step_updates(rank: int, world_size: int, base: str) -> dict:
