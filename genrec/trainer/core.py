@@ -168,23 +168,27 @@ class TrainerCore:
         for group in self.dense_optimizer.param_groups:
             group["lr"] = t.lr * scale
 
-    def train_step(self, batch, metrics: WindowMetrics) -> float:
-        """One optimizer step on `batch`; returns the loss (its mean over targets)."""
+    def train_step(self, batch, metrics: WindowMetrics, host_batch=None) -> torch.Tensor:
+        """One optimizer step on `batch`; returns the loss (its mean over targets), detached
+        and where it was computed: reading it is a host sync, left to the caller.
+        `host_batch`: the same batch still on the host, for the task's host bookkeeping
+        (no device-to-host copy of its ids); default `batch`."""
         with record_function("genrec.train_step"):
             self.model.train()
             self._set_learning_rates()
             seed, rank = self.cfg.trainer.seed, self.ctx.rank
             torch.manual_seed(seed * 7919 + self.step * 131 + rank)  # dropout, pool picks
             with self.autocast:
-                loss, n = self.task.loss(batch, step_generator(seed, self.step, rank))
+                rng = step_generator(seed, self.step, rank)
+                loss, n = self.task.loss(batch, rng, host_batch)
             loss.backward()
             if self.cfg.trainer.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.dense_params, self.cfg.trainer.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            value = float(loss.detach())
-            metrics.add_loss(value, float(n))
-            return value
+            loss = loss.detach()
+            metrics.add_loss(loss, float(n))
+            return loss
 
     def log(self, kind: str, x: int, values: dict, window: int = -1) -> None:
         with record_function("genrec.log"):

@@ -2,9 +2,10 @@
 
 The core (core.py) knows neither the mode nor the task; it calls a `Task`:
 
-  loss(batch, rng)        the step's loss (a scalar with grad) and how many targets it
+  loss(batch, rng, host)  the step's loss (a scalar with grad) and how many targets it
                           covers; a task keeps its own bookkeeping here (retrieval: item
-                          frequencies for its negative sampler and baseline)
+                          frequencies for its negative sampler and baseline), from `host`
+                          (the batch before its device copy; None: `batch`)
   new_metrics(...)        an accumulator of the task's progressive metrics
   evaluate(batch, m)      score `batch` with the current weights into `m` (before training)
   sync()                  fold the ranks' running state together (window / epoch end)
@@ -46,7 +47,9 @@ class Task(Protocol):
     selection_key: str
     selection_sign: float  # +1: higher is better
 
-    def loss(self, batch: Batch, rng: torch.Generator) -> tuple[torch.Tensor, int]: ...
+    def loss(
+        self, batch: Batch, rng: torch.Generator, host: Batch | None = None
+    ) -> tuple[torch.Tensor, int]: ...
     def new_metrics(self, ks: tuple[int, ...], model_prefix: str, count_key: str): ...
     def evaluate(self, batch: Batch, metrics) -> None: ...
     def sync(self) -> None: ...
@@ -92,11 +95,14 @@ class RetrievalTask:
         num = int(target_events(batch)[0].numel()) if self.per_position else None
         return sampler.sample(rng, num)
 
-    def loss(self, batch: Batch, rng: torch.Generator) -> tuple[torch.Tensor, int]:
-        items = batch.item_ids.cpu()[batch_target_mask(batch)]  # each event once, as a target
+    def loss(
+        self, batch: Batch, rng: torch.Generator, host: Batch | None = None
+    ) -> tuple[torch.Tensor, int]:
+        host = batch if host is None else host  # host ids: no device-to-host copy
+        items = host.item_ids.cpu()[batch_target_mask(host)]  # each event once, as a target
         self.frequency.add_(items)
         self.popular.add(items)
-        negatives, neg_log_q = self._negatives(batch, rng)
+        negatives, neg_log_q = self._negatives(host, rng)
         out = self.model(batch, negatives.to(self.device), neg_log_q.to(self.device))
         # the baseline is scored before this batch's loss and learns from it after
         self.baseline.update(items)
@@ -187,8 +193,10 @@ class RankingTask:
         self.selection_sign = 1.0 if binary else -1.0
         self.baseline = ItemRateBaseline(catalog, len(self.tasks))
 
-    def loss(self, batch: Batch, rng: torch.Generator) -> tuple[torch.Tensor, int]:
-        out = self.model(batch)
+    def loss(
+        self, batch: Batch, rng: torch.Generator, host: Batch | None = None
+    ) -> tuple[torch.Tensor, int]:
+        out = self.model(batch)  # its labels come back to the host for the baseline
         cand, _ = candidate_events(batch)
         self.baseline.update(batch.item_ids[cand].cpu(), out.labels.detach().cpu())
         return out.loss, int(out.num_targets)
