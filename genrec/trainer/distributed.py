@@ -13,6 +13,8 @@ This module owns which group every trainer collective uses:
                                  gathers, baseline counts, the frequency sketch, checkpoint
                                  barriers) goes through the helpers below, on CPU tensors.
 
+`group_for(t)` is the rule for collectives on tensors that may live on either (sharded
+evaluation's states and top-k: the default group on CUDA, the host group on CPU).
 Nothing else in genrec calls torch.distributed collectives; tests/trainer/nccl_emulation.py
 makes any CPU tensor on the default group fail, as NCCL does, and trains under it.
 """
@@ -160,19 +162,37 @@ def barrier() -> None:
         dist.barrier(group=host_group())
 
 
-def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
-    """Every rank's [n_r, ...] host rows concatenated in rank order (n_r may differ by
-    rank), on the host group."""
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) when not distributed."""
     if not _distributed():
-        return t
-    group = host_group()
-    _host_tensor(t, "all_gather_rows")
-    n = torch.tensor([t.shape[0]], dtype=torch.int64)
-    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, n, group=group)
-    most = int(max(int(s) for s in sizes))
-    padded = t.new_zeros((most, *t.shape[1:]))
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def group_for(t: torch.Tensor) -> dist.ProcessGroup | None:
+    """The group a tensor travels on: device tensors the default group, host ones the host
+    group (on CPU the trainer's own collectives never touch the default group)."""
+    return host_group() if t.device.type == "cpu" else None
+
+
+def all_gather_same(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's `t` (the same shape on every rank), in rank order, on `group_for(t)`."""
+    if not _distributed():
+        return [t]
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous(), group=group_for(t))
+    return parts
+
+
+def all_gather_rows(t: torch.Tensor, with_sizes: bool = False):
+    """Every rank's [n_r, ...] rows concatenated in rank order (n_r may differ by rank), on
+    `group_for(t)`; with_sizes: also the list of n_r (read back to the host)."""
+    if not _distributed():
+        return (t, [t.shape[0]]) if with_sizes else t
+    n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
+    sizes = [int(s) for s in all_gather_same(n)]
+    padded = t.new_zeros((max(sizes), *t.shape[1:]))
     padded[: t.shape[0]] = t
-    parts = [torch.zeros_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded, group=group)
-    return torch.cat([p[: int(s)] for p, s in zip(parts, sizes)])
+    parts = all_gather_same(padded)
+    out = torch.cat([p[:s] for p, s in zip(parts, sizes)])
+    return (out, sizes) if with_sizes else out

@@ -39,6 +39,7 @@ from genrec.trainer.progressive import (
     RankingMetrics,
     TopKMetrics,
 )
+from genrec.trainer.sharded_eval import sharded_top_k
 
 Tensors = dict[str, torch.Tensor]
 
@@ -85,6 +86,7 @@ class RetrievalTask:
         self.frequency = FrequencyState(cfg.embeddings.frequency, seed=seed)
         self.popular = PopularitySampler(capacity=65536, seed=seed)
         self.baseline = PopularityBaseline(catalog)
+        self.catalog_device: torch.Tensor | None = None
         # one negative per target position (SASRec's BCE) instead of a shared pool
         self.per_position = self.rc.loss == "bce" and self.rc.bce_negatives == "per_position"
 
@@ -113,8 +115,11 @@ class RetrievalTask:
 
     def evaluate(self, batch: Batch, metrics: TopKMetrics) -> None:
         k = max(metrics.ks)
-        topk, _, targets = self.model.module.top_k(
-            batch, self.catalog.to(self.device), k, exclude_history=self.rc.exclude_history
+        if self.catalog_device is None:  # copied once, not per eval step
+            self.catalog_device = self.catalog.to(self.device)
+        # each rank scores 1/W of the catalog; equal to model.top_k over all of it
+        topk, _, targets = sharded_top_k(
+            self.model.module, batch, self.catalog_device, k, self.rc.exclude_history
         )
         pop = self.baseline.top_k(
             batch.to("cpu"), k, self.rc.exclude_history, self.cfg.model.max_len

@@ -195,6 +195,49 @@ def test_trainer_collectives_are_nccl_safe(prepared):
     assert [o["step"] for o in out] == [7, 7]
 
 
+def _sharded_and_full_top_k(rank: int, world_size: int, base: str) -> dict:
+    """This rank's 16 sequences scored over the catalog: model.top_k (every rank the whole
+    catalog) and sharded_top_k (each rank 1/W of it, merged)."""
+    import pyarrow.dataset as pads
+
+    from genrec.data_pipeline.batch import sequences_from_rows
+    from genrec.trainer.distributed import context_from_initialized
+    from genrec.trainer.sharded_eval import sharded_top_k
+    from genrec.trainer.stream_runner import StreamTrainer
+
+    cfg = _cfg(Path(base), "sharded_eval")
+    trainer = StreamTrainer(cfg, context_from_initialized("cpu"))
+    first_window = sorted((Path(base) / "prepared").glob("window=*"))[0]
+    rows = pads.dataset(str(first_window), format="parquet").head(32).slice(16 * rank, 16)
+    batch = sequences_from_rows(rows, cfg.model.max_len)
+    trainer.model.eval()
+    module = trainer.model.module
+    catalog = trainer.catalog[:-1]  # an odd size: the last slice is padded
+    full = module.top_k(batch, catalog, 10, exclude_history=True, block=100)
+    got = sharded_top_k(module, batch, catalog, 10, exclude_history=True, block=100)
+    trainer.logger.close()
+    return {"full": [t.tolist() for t in full], "sharded": [t.tolist() for t in got]}
+
+
+def test_sharded_top_k_equals_full_catalog_top_k(prepared):
+    """2 ranks, each scoring half the catalog (blocks of 100, history excluded): every
+    rank's top-10 scores and targets equal the whole-catalog top-10 of its positions, and
+    the ids too, but for items whose scores tie (hashed ids sharing a row score alike, and
+    the matmuls differ in shape, so the last bits may too: tied items may swap places)."""
+    out = run_on_ranks(_sharded_and_full_top_k, world_size=2, args=(str(prepared),))
+    tol = 1e-5
+    for o in out:
+        (f_ids, f_s, f_t), (s_ids, s_s, s_t) = o["full"], o["sharded"]
+        assert len(f_ids) > 10 and len(f_ids[0]) == 10 and s_t == f_t
+        torch.testing.assert_close(torch.tensor(s_s), torch.tensor(f_s), rtol=0, atol=tol)
+        for fi, fs, si in zip(f_ids, f_s, s_ids):
+            for j, (a, b) in enumerate(zip(fi, si)):
+                if a != b:  # b must tie with the item the full ranking put there
+                    tie = [fs[i] for i, x in enumerate(fi) if x == b] or [fs[-1]]
+                    assert abs(tie[0] - fs[j]) <= tol, (fi, si, fs)
+    assert out[0]["full"][0] != out[1]["full"][0]  # the ranks scored different positions
+
+
 def _first_step_updates(rank: int, world_size: int, base: str) -> dict:
     """One training step from the same init with warm-up off and over 4 steps: the change of
     every weight."""
