@@ -212,6 +212,9 @@ class TrainerConfig:
     patience: int = 3  # validations (not epochs) without improvement before stopping
     eval_every: int = 1  # epochs mode: validate after every N-th epoch (and the last)
     checkpoint_every: int = 0  # steps (0: only at window ends)
+    # stage model + optimizer into host memory and write them in the background (DCP
+    # async_save); the step stalls only for the copy
+    async_checkpoint: bool = True
     keep_last: int = 2
     max_steps: int = 0  # stop after this many steps (0: until the stream ends)
     log_every: int = 10

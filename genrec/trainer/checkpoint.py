@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+from torch.distributed.checkpoint.staging import AsyncStager
 
 from genrec.trainer.distributed import barrier
 
@@ -60,6 +62,51 @@ def _is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def _copy(value):
+    """A host copy of a state dict (TorchRec's ShardedTensors: their local shards copied)."""
+    if isinstance(value, ShardedTensor):
+        shards = [Shard(_copy(sh.tensor), sh.metadata) for sh in value.local_shards()]
+        return ShardedTensor._init_from_local_shards_and_global_metadata(
+            shards, value.metadata(), process_group=value._process_group
+        )
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copy(v) for v in value)
+    return value
+
+
+class _CopyStager(AsyncStager):
+    """Stage by copying into host memory, ShardedTensors included (DCP's default stager
+    cannot copy those). Synchronous: the step stalls for the copy only."""
+
+    _synchronize_after_execute = False
+
+    def stage(self, state_dict):
+        return _copy(state_dict)
+
+    def synchronize_staging(self) -> None:
+        pass
+
+
+class PendingCheckpoint:
+    """A checkpoint whose DCP files are still being written (async_save's thread); `wait()`
+    (collective) finishes it: state.json, the atomic rename, pruning. Until then the last
+    finished checkpoint is the latest one."""
+
+    def __init__(self, future, tmp: Path, final: Path, finish) -> None:
+        self.future, self.tmp, self.path, self._finish = future, tmp, final, finish
+
+    def wait(self) -> Path:
+        if self.future is not None:
+            self.future.result()
+            self.future = None
+            self._finish()
+        return self.path
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -69,11 +116,17 @@ def save_checkpoint(
     shared: dict[str, torch.Tensor] | None = None,
     keep_last: int = 2,
     protect: Path | None = None,
-) -> Path:
+    async_group: dist.ProcessGroup | None | bool = False,
+) -> PendingCheckpoint:
     """Collective: every rank calls it. `app_state` holds model/optimizer state dicts,
     `tensors` this rank's host state, `shared` the host state equal on every rank (rank 0
-    writes it).
-    Of older checkpoints the last `keep_last` are kept, and `protect` (epochs mode's best)."""
+    writes it). Of older checkpoints the last `keep_last` are kept, and `protect` (epochs
+    mode's best).
+
+    Synchronous by default (the returned checkpoint is finished). With `async_group` (a
+    CPU group of its own, as DCP's writer thread runs collectives on it beside training's;
+    True when not distributed) the model and optimizer state are staged into host memory
+    (a copy), written by a background thread, and `wait()` finishes the checkpoint."""
     root = checkpoint_root(run_dir)
     final = checkpoint_path(run_dir, step)
     tmp = root / f".tmp-{PREFIX}{step:08d}"
@@ -83,22 +136,32 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
     barrier()
-    dcp.save(app_state, checkpoint_id=str(tmp))
     rank = dist.get_rank() if dist.is_initialized() else 0
     save_file(_host(tensors), tmp / tensors_file(rank))
     if rank == 0:
         save_file(_host(shared or {}), tmp / SHARED_FILE)
-    barrier()
-    if _is_main():
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)  # atomic on one file system: readers see all or nothing
-        for old in list_checkpoints(run_dir)[: -max(1, keep_last)]:
-            if protect is None or old.name != Path(protect).name:
-                shutil.rmtree(old, ignore_errors=True)
-    barrier()
-    return final
+
+    def finish() -> None:
+        barrier()
+        if _is_main():
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True))
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)  # atomic on one file system: readers see all or nothing
+            for old in list_checkpoints(run_dir)[: -max(1, keep_last)]:
+                if protect is None or old.name != Path(protect).name:
+                    shutil.rmtree(old, ignore_errors=True)
+        barrier()
+
+    if async_group is False:
+        dcp.save(app_state, checkpoint_id=str(tmp))
+        finish()
+        return PendingCheckpoint(None, tmp, final, finish)
+    group = None if async_group is True else async_group
+    future = dcp.async_save(
+        app_state, checkpoint_id=str(tmp), process_group=group, async_stager=_CopyStager()
+    )
+    return PendingCheckpoint(future, tmp, final, finish)
 
 
 def read_state(path: str | Path) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from torch.profiler import record_function
 from genrec.config import Config, to_dict
 from genrec.trainer import checkpoint as ckpt
 from genrec.trainer.assembly import assemble
-from genrec.trainer.distributed import DistContext, all_reduce_
+from genrec.trainer.distributed import DistContext, all_reduce_, checkpoint_group
 from genrec.trainer.metrics_log import MetricsLogger
 from genrec.trainer.negatives import step_generator
 from genrec.trainer.progressive import WindowMetrics
@@ -61,6 +61,7 @@ class TrainerCore:
         self.task = build_task(cfg, self.model, self.catalog, ctx.device)
         self.step = 0
         self._saved_step = -1
+        self._pending: ckpt.PendingCheckpoint | None = None
         self.history: list[dict] = []  # per-window / per-epoch rows
         self.logger = MetricsLogger(self.run_dir, enabled=ctx.is_main and log_metrics)
         self.autocast = (
@@ -88,6 +89,10 @@ class TrainerCore:
         return {"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}
 
     def save(self) -> Path:
+        """Checkpoint the current step. With trainer.async_checkpoint the model and optimizer
+        are staged into host memory and written in the background; the checkpoint is
+        finished (renamed into place) at the next save, restore or `wait_for_checkpoint`."""
+        self.wait_for_checkpoint()  # one in flight at a time
         with record_function("genrec.checkpoint"):
             state = {
                 "step": self.step,
@@ -98,7 +103,7 @@ class TrainerCore:
             }
             self._saved_step = self.step
             shared, own = self.task.state_tensors()
-            return ckpt.save_checkpoint(
+            self._pending = ckpt.save_checkpoint(
                 self.run_dir,
                 self.step,
                 self._app_state(),
@@ -107,9 +112,21 @@ class TrainerCore:
                 shared=shared,  # equal on every rank: saved once
                 keep_last=self.cfg.trainer.keep_last,
                 protect=self.protected_checkpoint(),
+                async_group=(checkpoint_group() or True)
+                if self.cfg.trainer.async_checkpoint
+                else False,
             )
+            return self._pending.path
+
+    def wait_for_checkpoint(self) -> None:
+        """Finish the checkpoint in flight, if any (collective)."""
+        if self._pending is not None:
+            with record_function("genrec.checkpoint_wait"):
+                self._pending.wait()
+            self._pending = None
 
     def restore(self, path: Path) -> None:
+        self.wait_for_checkpoint()
         app = self._app_state()
         ckpt.load_sharded(path, app)
         self.model.load_state_dict(app["model"])

@@ -99,6 +99,7 @@ def init_distributed(
             timeout=datetime.timedelta(seconds=timeout_s),
         )
     host_group()  # created once, by every rank at the same point
+    checkpoint_group()
     return DistContext(rank, world_size, local_rank, local_world_size, device, backend)
 
 
@@ -108,6 +109,7 @@ def context_from_initialized(device_type: str) -> DistContext:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     host_group()
+    checkpoint_group()
     return DistContext(
         rank,
         world,
@@ -119,6 +121,7 @@ def context_from_initialized(device_type: str) -> DistContext:
 
 
 _HOST: tuple[object, object] | None = None  # (the default group it belongs to, gloo group)
+_CKPT: tuple[object, object] | None = None
 
 
 def _distributed() -> bool:
@@ -138,6 +141,19 @@ def host_group() -> dist.ProcessGroup | None:
     if _HOST is None or _HOST[0] is not world:
         _HOST = (world, dist.new_group(backend="gloo"))
     return _HOST[1]  # type: ignore[return-value]
+
+
+def checkpoint_group() -> dist.ProcessGroup | None:
+    """A second gloo group, only for async checkpoints: DCP's writer thread runs its
+    collectives there while training's host collectives run on `host_group` (one group
+    used from two threads would interleave their collectives differently per rank)."""
+    global _CKPT
+    if not _distributed():
+        return None
+    world = dist.group.WORLD
+    if _CKPT is None or _CKPT[0] is not world:
+        _CKPT = (world, dist.new_group(backend="gloo"))
+    return _CKPT[1]  # type: ignore[return-value]
 
 
 def _host_tensor(t: torch.Tensor, what: str) -> torch.Tensor:

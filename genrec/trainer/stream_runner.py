@@ -175,6 +175,7 @@ class StreamTrainer(TrainerCore):
         stream.close()
         if self.step != self._saved_step:  # stopped by max_steps: leave a checkpoint there
             self.save()
+        self.wait_for_checkpoint()
         if bar is not None:
             bar.close()
         self.logger.close()
