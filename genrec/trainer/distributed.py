@@ -120,40 +120,37 @@ def context_from_initialized(device_type: str) -> DistContext:
     )
 
 
-_HOST: tuple[object, object] | None = None  # (the default group it belongs to, gloo group)
-_CKPT: tuple[object, object] | None = None
+# side gloo groups by role: (the default group they belong to, the group)
+_SIDE: dict[str, tuple[object, dist.ProcessGroup]] = {}
 
 
 def _distributed() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
 
 
-def host_group() -> dist.ProcessGroup | None:
-    """The gloo group for host (CPU) tensors, over every rank; None when not distributed.
-
-    Created once per default group (collective: every rank creates it at the same point,
-    `init_distributed` / `context_from_initialized`). A gloo default group gets its own
-    side group all the same: one code path, whatever the device."""
-    global _HOST
+def _side_group(role: str) -> dist.ProcessGroup | None:
+    """A gloo group over every rank for `role`, created once per default group (collective:
+    every rank creates it at the same point, `init_distributed` / `context_from_initialized`);
+    None when not distributed."""
     if not _distributed():
         return None
     world = dist.group.WORLD
-    if _HOST is None or _HOST[0] is not world:
-        _HOST = (world, dist.new_group(backend="gloo"))
-    return _HOST[1]  # type: ignore[return-value]
+    if role not in _SIDE or _SIDE[role][0] is not world:
+        _SIDE[role] = (world, dist.new_group(backend="gloo"))
+    return _SIDE[role][1]
+
+
+def host_group() -> dist.ProcessGroup | None:
+    """The gloo group for host (CPU) tensors. A gloo default group gets its own side group
+    all the same: one code path, whatever the device."""
+    return _side_group("host")
 
 
 def checkpoint_group() -> dist.ProcessGroup | None:
     """A second gloo group, only for async checkpoints: DCP's writer thread runs its
     collectives there while training's host collectives run on `host_group` (one group
     used from two threads would interleave their collectives differently per rank)."""
-    global _CKPT
-    if not _distributed():
-        return None
-    world = dist.group.WORLD
-    if _CKPT is None or _CKPT[0] is not world:
-        _CKPT = (world, dist.new_group(backend="gloo"))
-    return _CKPT[1]  # type: ignore[return-value]
+    return _side_group("checkpoint")
 
 
 def _host_tensor(t: torch.Tensor, what: str) -> torch.Tensor:
