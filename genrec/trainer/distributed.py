@@ -131,8 +131,9 @@ def _distributed() -> bool:
 def _side_group(role: str) -> dist.ProcessGroup | None:
     """A gloo group over every rank for `role`, created once per default group (collective:
     every rank creates it at the same point, `init_distributed` / `context_from_initialized`);
-    None when not distributed."""
-    if not _distributed():
+    None without a process group. (World size 1 gets one too: async checkpoints on a 1-GPU
+    NCCL run need a CPU group.)"""
+    if not dist.is_initialized():
         return None
     world = dist.group.WORLD
     if role not in _SIDE or _SIDE[role][0] is not world:
