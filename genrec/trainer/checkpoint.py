@@ -141,10 +141,13 @@ def save_checkpoint(
     if rank == 0:
         save_file(_host(shared or {}), tmp / SHARED_FILE)
 
+    # serialized now: the trainer keeps changing `state`'s lists (history) while DCP writes
+    state_json = json.dumps(state, indent=1, sort_keys=True)
+
     def finish() -> None:
         barrier()
         if _is_main():
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True))
+            (tmp / STATE_FILE).write_text(state_json)
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)  # atomic on one file system: readers see all or nothing
