@@ -95,4 +95,4 @@ def test_source_config_trains_with_progressive_metrics(source, tmp_path, ray_loc
             r["name"]: float(r["value"]) for r in rows if r["kind"] == "window" and r["window"] == w
         }
         assert got["positions"] > 0
-        assert 0.0 <= got["model/hr@10"] <= 1.0 and math.isfinite(got["loss"])
+        assert 0.0 <= got["model/recall@10"] <= 1.0 and math.isfinite(got["loss"])
