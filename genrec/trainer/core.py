@@ -11,8 +11,8 @@ model.task (tasks.py) and owns what every mode shares:
   init_from(path)              model weights only, from another run (warm start)
   check_replicas()             dense data-parallel replicas must agree across ranks
 
-Runners (stream.py: one time-ordered pass; epochs.py: leave-one-out epochs) subclass it and
-add only their loop; `loop.run_worker` picks one by trainer.mode. Each stage of a step is a
+Runners (stream_runner.py: one time-ordered pass; epochs.py: leave-one-out epochs) subclass
+it and add only their loop; `loop.run_worker` picks one by trainer.mode. Each stage of a step is a
 method labelled with `torch.profiler.record_function`, so a profile reads like the code:
 genrec.read_batch, genrec.evaluate, genrec.train_step, genrec.log, genrec.checkpoint.
 """
