@@ -36,7 +36,7 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, work: str,
 
     torch.set_num_threads(1)
     cfg = load_config(
-        ROOT / "configs" / "quickstart.yaml",
+        ROOT / "genrec" / "configs" / "quickstart.yaml",
         [
             f"embeddings.tables=[{{name: item, num_embeddings: {args.rows}, dim: 64, "
             "features: [item_id]}]",

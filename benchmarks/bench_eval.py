@@ -37,7 +37,7 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: dict)
 
     torch.set_num_threads(1)
     cfg = load_config(
-        ROOT / "configs" / "quickstart.yaml",
+        ROOT / "genrec" / "configs" / "quickstart.yaml",
         [
             f"embeddings.tables=[{{name: item, num_embeddings: {args.items}, dim: 64, "
             "features: [item_id]}]",

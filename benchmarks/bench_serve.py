@@ -53,7 +53,7 @@ def make_artifact(work: Path, items: int, max_len: int, aot: bool) -> Path:
     torch.manual_seed(0)
     model = build_model(cfg)
     state = {"step": 0, "world_size": 1, "config": to_dict(cfg), "position": None}
-    ckpt = save_checkpoint(work / "run", 0, {"model": model.state_dict()}, state, {})
+    ckpt = save_checkpoint(work / "run", 0, {"model": model.state_dict()}, state, {}).wait()
     export(str(ckpt), str(work / "artifact"), compile_aot=aot)
     return work / "artifact"
 

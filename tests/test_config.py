@@ -86,7 +86,7 @@ def test_cli_config_show_rejects_bad_key():
 
 # ------------------------------------------------------------------ checks against the source
 
-TECD = ROOT / "configs" / "tecd.yaml"
+TECD = ROOT / "genrec" / "configs" / "tecd.yaml"
 TECD_FEATURES = r"\['item_id', 'action', 'domain', 'surface'\]"
 TECD_COLUMNS = r"\['user_id', 'item_id', 'timestamp', 'action', 'domain', 'surface'\]"
 
@@ -116,7 +116,7 @@ def test_float_column_is_not_a_feature():
     """VK-LSVD's watch_time is a float column: no table, token or regression target reads it."""
     with pytest.raises(ConfigError) as e:
         load_config(
-            ROOT / "configs" / "vk_lsvd.yaml",
+            ROOT / "genrec" / "configs" / "vk_lsvd.yaml",
             [
                 "model.task=ranking",
                 "model.ranking.tasks=[click, watch_time]",

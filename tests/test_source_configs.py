@@ -60,7 +60,7 @@ def test_source_config_trains_with_progressive_metrics(source, tmp_path, ray_loc
     from genrec.data_pipeline.synthetic import generate
     from genrec.trainer.launch import train
 
-    path = ROOT / "configs" / f"{source}.yaml"
+    path = ROOT / "genrec" / "configs" / f"{source}.yaml"
     shipped = load_config(path)
     assert shipped.data.source == source
     generate(source, str(tmp_path / "raw"), users=200, events=6000, items=300, seed=0)

@@ -71,7 +71,7 @@ def save_unsharded_checkpoint(model: torch.nn.Module, cfg: Config, run_dir: Path
     from genrec.trainer.checkpoint import save_checkpoint
 
     state = {"step": 0, "world_size": 1, "config": to_dict(cfg), "position": None}
-    return save_checkpoint(run_dir, 0, {"model": model.state_dict()}, state, {})
+    return save_checkpoint(run_dir, 0, {"model": model.state_dict()}, state, {}).wait()
 
 
 @pytest.fixture(scope="session")

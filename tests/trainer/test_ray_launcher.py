@@ -270,7 +270,7 @@ def _two_node_args(base: Path, run: Path) -> list[str]:
     """Config and overrides of the two-node run: the quickstart config shrunk; every window
     fully evaluated (positions count each target once); 1.5 CPUs per Ray worker."""
     return [
-        str(ROOT / "configs" / "quickstart.yaml"),
+        str(ROOT / "genrec" / "configs" / "quickstart.yaml"),
         f"data.prepared_dir={base / 'prepared'}",
         f"trainer.run_dir={run}",
         *TINY_MODEL,
