@@ -63,8 +63,8 @@ class CodeTrie:
         self.child_token = torch.as_tensor(np.concatenate(tok))
         self.child_node = torch.as_tensor(np.concatenate(child))
         self.leaf_item = torch.full((next_node,), -1, dtype=torch.long)
-        self.leaf_item[torch.as_tensor(node_of[:, -1])] = torch.as_tensor(
-            np.asarray(item_ids, dtype=np.int64)
+        self.leaf_item[torch.as_tensor(node_of[:, -1])] = torch.from_numpy(
+            np.array(item_ids, dtype=np.int64)  # a copy: the caller's array may be read-only
         )
 
     def children(self, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
