@@ -1,7 +1,6 @@
 """Collaborative item vectors from a real exported retrieval artifact (ml-100k catalog)."""
 
 import numpy as np
-import pytest
 import torch
 
 from genrec.config import to_dict
@@ -9,7 +8,6 @@ from genrec.semantic.features import artifact_features, attribute_features, conc
 from tests.deploy.helpers import read_ml100k, tiny_config, write_prepared
 
 
-@pytest.mark.slow  # one torch.export of a tiny model (~15-35 s on the shared box)
 def test_artifact_item_table_equals_the_models_item_embeddings(tmp_path, shared_data):
     from genrec.deploy.export import export, item_embeddings
     from genrec.models.build import build_model
