@@ -124,7 +124,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from genrec.sharding_plans.planner import plan_command
 
     cfg = load_config(args.config, args.overrides)
-    return plan_command(cfg, save=args.save)
+    return plan_command(cfg, save=args.save, events=args.events, tokens_per_s=args.tokens_per_s)
 
 
 def check_prepared(cfg) -> None:
@@ -321,9 +321,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-overflow-rows", type=int, default=1024)
     p.set_defaults(func=_cmd_prepare)
 
-    p = sub.add_parser("plan", help="print (and save) the sharding plan and memory per rank")
+    p = sub.add_parser(
+        "plan",
+        help="print (and save) the sharding plan, memory per rank and the time model "
+        "(activations, all-to-all bytes, hours per pass: estimates)",
+    )
     _add_config_args(p)
     p.add_argument("--save", default="", help="write the plan to this file")
+    p.add_argument(
+        "--events",
+        type=int,
+        default=0,
+        help="events in one pass (default: data.prepared_dir's _meta.json, if there)",
+    )
+    p.add_argument(
+        "--tokens-per-s",
+        type=float,
+        default=0.0,
+        help="training tokens/s per GPU for the hours estimate (default: the measured "
+        "H100 HSTU encoder figure of benchmarks/RESULTS.md, scaled to model.num_layers)",
+    )
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("train", help="one-pass streaming (or multi-epoch) training")

@@ -100,8 +100,11 @@ class TableConfig:
     # hashed: k seeded hashes of the raw id, rows summed (any int64 id, fixed memory);
     # direct: the raw id IS the row, one row per id and no collisions, for catalogs whose
     # ids are dense integers below num_embeddings (an id outside fails naming it);
-    # managed_collision: TorchRec's MCH remaps ids, keeping the most frequent
-    kind: Literal["hashed", "direct", "managed_collision"] = "hashed"
+    # managed_collision: TorchRec's MCH remaps ids, keeping the most frequent;
+    # vocab: rows from the feature's vocabulary file beside the prepared shards
+    # (PREPARED/vocab/FEATURE.parquet, `genrec prepare --vocab-min-count N`): frequent ids
+    # a row each, the rest hashed overflow rows; num_embeddings must equal its row count
+    kind: Literal["hashed", "direct", "managed_collision", "vocab"] = "hashed"
     num_hashes: int = 1  # k seeded hash functions, rows summed (k=1: hashing trick)
     # per-coordinate std of an id's embedding (the sum of its k rows) at init; 0: 1/sqrt(dim).
     # Raw dot-product models want it small (SASRec's recipe: 0.02)
@@ -251,6 +254,9 @@ class TrainerConfig:
     patience: int = 3  # validations (not epochs) without improvement before stopping
     eval_every: int = 1  # epochs mode: validate after every N-th epoch (and the last)
     checkpoint_every: int = 0  # steps (0: only at window ends)
+    # stage model + optimizer into host memory and write them in the background (DCP
+    # async_save); the step stalls only for the copy
+    async_checkpoint: bool = True
     keep_last: int = 2
     max_steps: int = 0  # stop after this many steps (0: until the stream ends)
     log_every: int = 10
@@ -519,10 +525,77 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cfg = from_dict(data)
         if cfg.data.source == "parquet":
             check_parquet_columns(cfg.data.parquet)
+        check_features(cfg)
         return cfg
     except ConfigError as e:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{e}") from None
+
+
+# --------------------------------------------------------------------------- cross-field checks
+
+ITEM_FEATURE = "item_id"  # the feature every model embeds (data_pipeline.batch.ITEM_KEY)
+
+
+def _not_in_source(key: str, feature: str, source: str, features: tuple[str, ...]) -> ConfigError:
+    from genrec.data_pipeline.schemas import events_schema
+    from genrec.data_pipeline.sources import get_source
+
+    columns = events_schema(get_source(source).context).names
+    name = source.split(":", 1)[0]  # `parquet:{mapping}` -> parquet
+    return ConfigError(
+        f"{key}: {feature!r} is not a feature of data.source {name!r}: its batches carry "
+        f"{list(features)} (its event columns are {columns}; user_id, timestamp and float "
+        "columns are not embedded features); name one of those or remove it"
+    )
+
+
+def check_features(cfg: Config) -> None:
+    """Every feature, token and table the model names exists in the source's batches, and
+    every table is fed by a feature the model reads (item_id or a contextual token).
+
+    Raises `ConfigError` naming the dotted key, the feature and the source's features.
+    """
+    from genrec.data_pipeline.sources import batch_features, source_spec
+
+    source = cfg.data.source
+    if source == "parquet":  # a parquet log carries the context columns its mapping names
+        source = source_spec(cfg.data.parquet)
+    features = batch_features(source)
+    tables = cfg.embeddings.tables
+    embedded = {f: t.name for t in tables for f in t.features}
+    for i, t in enumerate(tables):
+        for j, f in enumerate(t.features):
+            if f not in features:
+                raise _not_in_source(f"embeddings.tables[{i}].features[{j}]", f, source, features)
+    tokens = list(cfg.model.user_feature_tokens)
+    for j, f in enumerate(tokens):
+        key = f"model.user_feature_tokens[{j}]"
+        if f not in features:
+            raise _not_in_source(key, f, source, features)
+        if f not in embedded:
+            raise ConfigError(
+                f"{key}: {f!r} is embedded by no table of embeddings.tables "
+                f"({[t.name for t in tables]}); add it to a table's features"
+            )
+    if ITEM_FEATURE not in embedded:
+        raise ConfigError(
+            f"embeddings.tables: no table embeds {ITEM_FEATURE!r} (tables: "
+            f"{ {t.name: t.features for t in tables} }); every model embeds its items"
+        )
+    read = {ITEM_FEATURE, *tokens}
+    for i, t in enumerate(tables):
+        if not read & set(t.features):
+            raise ConfigError(
+                f"embeddings.tables[{i}] ({t.name!r}): no feature the model reads feeds it "
+                f"(its features {t.features}; the model reads {ITEM_FEATURE!r} and "
+                f"model.user_feature_tokens {tokens}); list one of its features in "
+                "model.user_feature_tokens or remove the table"
+            )
+    if cfg.model.task == "ranking":
+        for j, f in enumerate(cfg.model.ranking.regression_tasks):
+            if f not in features:
+                raise _not_in_source(f"model.ranking.regression_tasks[{j}]", f, source, features)
 
 
 def dump_config(cfg: Config) -> str:

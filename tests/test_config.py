@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -81,3 +82,75 @@ def test_cli_config_show_rejects_bad_key():
     r = _cli("config", "show", str(QUICKSTART), "trainer.batch_sise=64")
     assert r.returncode != 0
     assert "trainer.batch_sise" in r.stderr
+
+
+# ------------------------------------------------------------------ checks against the source
+
+TECD = ROOT / "configs" / "tecd.yaml"
+TECD_FEATURES = r"\['item_id', 'action', 'domain', 'surface'\]"
+TECD_COLUMNS = r"\['user_id', 'item_id', 'timestamp', 'action', 'domain', 'surface'\]"
+
+
+def test_token_the_source_never_emits_names_key_and_columns():
+    """The old tecd.yaml failed at its first forward on `user_id`; now at load."""
+    with pytest.raises(ConfigError) as e:
+        load_config(TECD, ["model.user_feature_tokens=[user_id]"])
+    msg = str(e.value)
+    assert "model.user_feature_tokens[0]: 'user_id' is not a feature of data.source 'tecd'" in msg
+    assert re.search(TECD_FEATURES, msg) and re.search(TECD_COLUMNS, msg)
+
+
+def test_table_feature_the_source_never_emits_names_key_and_columns():
+    tables = (
+        "embeddings.tables=[{name: item, features: [item_id]}, "
+        "{name: context, features: [brand, category]}]"
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(TECD, [tables, "model.user_feature_tokens=[]"])
+    msg = str(e.value)
+    assert "embeddings.tables[1].features[0]: 'brand' is not a feature of data.source" in msg
+    assert re.search(TECD_FEATURES, msg) and re.search(TECD_COLUMNS, msg)
+
+
+def test_float_column_is_not_a_feature():
+    """VK-LSVD's watch_time is a float column: no table, token or regression target reads it."""
+    with pytest.raises(ConfigError) as e:
+        load_config(
+            ROOT / "configs" / "vk_lsvd.yaml",
+            [
+                "model.task=ranking",
+                "model.ranking.tasks=[click, watch_time]",
+                "model.ranking.regression_tasks=[watch_time]",
+            ],
+        )
+    msg = str(e.value)
+    assert "model.ranking.regression_tasks[0]: 'watch_time'" in msg
+    assert "['item_id', 'action', 'surface']" in msg
+    assert "['user_id', 'item_id', 'timestamp', 'action', 'surface', 'watch_time']" in msg
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["model.user_feature_tokens=[]"],
+            "embeddings.tables[1] ('surface'): no feature the model reads feeds it "
+            "(its features ['surface']",
+        ),
+        (
+            ["model.user_feature_tokens=[surface, domain]"],
+            "model.user_feature_tokens[1]: 'domain' is embedded by no table of "
+            "embeddings.tables (['item', 'surface'])",
+        ),
+        (
+            ["embeddings.tables=[{name: surface, features: [surface]}]"],
+            "embeddings.tables: no table embeds 'item_id'",
+        ),
+    ],
+    ids=["unfed_table", "token_without_table", "no_item_table"],
+)
+def test_tables_and_tokens_fit_together(overrides, message):
+    """A table no feature feeds, a token no table embeds, a model with no item table."""
+    with pytest.raises(ConfigError) as e:
+        load_config(TECD, overrides)
+    assert message in str(e.value)

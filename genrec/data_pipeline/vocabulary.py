@@ -17,8 +17,9 @@ Counts come from prepare's Ray item tasks (items.parquet: every item with its ev
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,7 @@ class Vocabulary:
     overflow_rows: int
     min_count: int
     hash_version: int = 1
+    source: str = field(default="", compare=False)  # the file it was read from, if any
 
     def __post_init__(self):
         if self.overflow_rows < 1:
@@ -56,6 +58,13 @@ class Vocabulary:
     @property
     def num_rows(self) -> int:
         return int(self.ids.size) + self.overflow_rows
+
+    def digest(self) -> np.ndarray:
+        """sha256 of the mapping (feature, ids in row order, overflow rows, hash version) as
+        4 int64: what a checkpoint records to catch a different vocabulary later."""
+        h = hashlib.sha256(f"{self.feature}|{self.overflow_rows}|{self.hash_version}|".encode())
+        h.update(np.ascontiguousarray(self.ids, dtype="<i8").tobytes())
+        return np.frombuffer(h.digest(), dtype="<i8").copy()
 
     @classmethod
     def from_counts(
@@ -91,10 +100,17 @@ class Vocabulary:
     def rows_torch(self, raw: torch.Tensor) -> torch.Tensor:
         """`rows` in torch ops (searchsorted + the torch hash): the model-side twin that an
         embedding table of kind vocab and the exported program use; tests pin equality."""
+        on_device = self.__dict__.setdefault("_on_device", {})  # one copy per device
+        if raw.device not in on_device:
+            on_device[raw.device] = (
+                torch.from_numpy(self._sorted).to(raw.device),
+                torch.from_numpy(self._row_of_sorted).to(raw.device),
+            )
+        sorted_ids, row_of_sorted = on_device[raw.device]
         return vocab_rows_torch(
             raw,
-            torch.from_numpy(self._sorted).to(raw.device),
-            torch.from_numpy(self._row_of_sorted).to(raw.device),
+            sorted_ids,
+            row_of_sorted,
             self.ids.size,
             self.overflow_rows,
             feature_seed(self.feature, 0, self.hash_version),
@@ -102,7 +118,7 @@ class Vocabulary:
 
     # ---- files
     def path(self, prepared_dir: str) -> Path:
-        return Path(prepared_dir) / VOCAB_DIR / f"{self.feature}.parquet"
+        return vocab_path(prepared_dir, self.feature)
 
     def write(self, prepared_dir: str) -> Path:
         path = self.path(prepared_dir)
@@ -120,17 +136,20 @@ class Vocabulary:
         return path
 
     @classmethod
-    def read(cls, prepared_dir: str, feature: str) -> Vocabulary:
-        path = Path(prepared_dir) / VOCAB_DIR / f"{feature}.parquet"
+    def read(cls, prepared_dir: str, feature: str, fix: str = "") -> Vocabulary:
+        """The vocabulary of `feature` under `prepared_dir` (a prepared dir or an artifact);
+        `fix`: what the error of a missing or foreign file tells the user to do."""
+        path = vocab_path(prepared_dir, feature)
+        fix = fix or (
+            "build it with `genrec prepare ... --vocab-min-count N` (or "
+            "write_item_vocabulary), or use a hashed table for this feature"
+        )
         if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} is missing: build it with `genrec prepare ... --vocab-min-count N` "
-                "(or write_item_vocabulary), or use a hashed table for this feature"
-            )
+            raise FileNotFoundError(f"{path} is missing: {fix}")
         table = pq.read_table(path)
         raw = (table.schema.metadata or {}).get(b"genrec.vocab")
         if raw is None or table.schema.remove_metadata() != VOCAB_SCHEMA:
-            raise ValueError(f"{path}: not a genrec vocabulary (id, count + metadata); rebuild it")
+            raise ValueError(f"{path}: not a genrec vocabulary (id, count + metadata): {fix}")
         meta = json.loads(raw)
         vocab = cls(
             feature,
@@ -139,10 +158,17 @@ class Vocabulary:
             int(meta["overflow_rows"]),
             int(meta["min_count"]),
             int(meta["hash_version"]),
+            str(path),
         )
         if vocab.num_rows != int(meta["num_rows"]):
             raise ValueError(f"{path}: {vocab.num_rows} rows, metadata says {meta['num_rows']}")
         return vocab
+
+
+def vocab_path(prepared_dir: str | Path, feature: str) -> Path:
+    """Where the vocabulary of `feature` lives: DIR/vocab/FEATURE.parquet (a prepared dir, or
+    an artifact, which keeps the same layout)."""
+    return Path(prepared_dir) / VOCAB_DIR / f"{feature}.parquet"
 
 
 def vocab_rows_torch(

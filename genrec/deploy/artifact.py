@@ -7,12 +7,13 @@
     ARTIFACT/model.safetensors           the full unsharded state dict (eager rebuilds)
     ARTIFACT/items.safetensors           item_ids int64 [N], embeddings float32 [N, D]
     ARTIFACT/index.json (+ index.faiss)  item index kind and search parameters
+    ARTIFACT/vocab/item_id.parquet       the item vocabulary (kind: vocab item tables only)
     ARTIFACT/ranker/                     a paired ranking artifact (retrieve, then rank):
                                          `recommend(..., rerank=N)` orders the top N by it
 
 `Artifact.load` verifies every checksum before anything is deserialized, so a corrupted or
 edited file fails with its name. The runtime hashes raw ids in numpy with the manifest's
-seeds (the same hash as training), pads, and calls the AOTInductor program (or, without
+seeds (the same hash as training), or through the artifact's vocabulary (a vocab table), pads, and calls the AOTInductor program (or, without
 one, the exported program).
 """
 
@@ -29,7 +30,7 @@ import torch
 from genrec.config import Config, from_dict
 from genrec.data_pipeline.batch import ITEM_KEY
 from genrec.deploy.index import ItemIndex
-from genrec.deploy.programs import item_rows_np, pad_histories
+from genrec.deploy.programs import item_rows_np, load_item_vocabulary, pad_histories
 from genrec.embeddings.hashing import check_hash_version
 
 MANIFEST = "manifest.json"
@@ -115,6 +116,7 @@ class Artifact:
         self.cfg: Config = from_dict(self.manifest["config"])
         self.task: str = self.manifest["task"]
         self.item_hashing = self.manifest["hashing"]["features"][ITEM_KEY]
+        self.item_vocab = load_item_vocabulary(self.dir, self.item_hashing)
         self.max_len = int(self.manifest["feature_spec"]["max_len"])
         self.encoder = self.ranker = self.reranker = None
         self.rerank_weights: dict[str, float] = {}
@@ -156,7 +158,7 @@ class Artifact:
             np.zeros(len(h), np.int64) if a is None else np.asarray(a, np.int64)
             for h, a in zip(hs, actions or [None] * len(hs))
         ]
-        return pad_histories(hs, ts, acts, self.max_len, self.item_hashing)
+        return pad_histories(hs, ts, acts, self.max_len, self.item_hashing, self.item_vocab)
 
     @torch.no_grad()
     def encode(self, histories, timestamps=None, actions=None) -> torch.Tensor:
@@ -224,7 +226,7 @@ class Artifact:
             cand[b, : len(c)] = c
             cand[b, len(c) :] = c[-1]  # padding candidates are scored and dropped
         last_ts = ts[torch.arange(len(lens)), lens - 1]
-        cand_rows = torch.from_numpy(item_rows_np(cand, self.item_hashing))
+        cand_rows = torch.from_numpy(item_rows_np(cand, self.item_hashing, self.item_vocab))
         logits = self.ranker(
             rows, act, ts, lens, cand_rows, last_ts[:, None].expand(-1, C).contiguous()
         )

@@ -9,7 +9,9 @@ the unsharded FQNs that DMP kept. Then: item embeddings of the whole catalog and
 over them (retrieval), the user encoder (or ranker) traced with `torch.export` (batch and
 sequence length dynamic) and, unless compile_aot=False, compiled and packaged with
 AOTInductor for this machine's device, the unsharded weights as safetensors, and finally
-manifest.json with the sha256 of every file. Weights never go through pickle.
+manifest.json with the sha256 of every file. Weights never go through pickle. A vocab
+table's vocabulary (PREPARED/vocab/FEATURE.parquet, checked against the digest the
+checkpoint recorded) is copied to ARTIFACT/vocab/, its sha256 in the hashing spec too.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from safetensors.torch import save_file
 
 from genrec.config import Config, from_dict, to_dict
 from genrec.data_pipeline.batch import ITEM_KEY
+from genrec.data_pipeline.vocabulary import vocab_path
 from genrec.deploy.artifact import (
     ENCODER,
     FORMAT_VERSION,
@@ -81,6 +84,7 @@ def load_checkpoint_model(checkpoint: str | Path) -> tuple[torch.nn.Module, Conf
         warnings.simplefilter("ignore")  # "no process group: loading in this process"
         dcp.load(sd, checkpoint_id=str(path), no_dist=True)
     model.load_state_dict(sd["model"])
+    model.sparse.check_vocabularies()  # the prepared dir's vocabulary is the trained one
     return model.eval(), cfg, state
 
 
@@ -133,6 +137,17 @@ def _export_program(
         log(f"{stem}: AOTInductor compile {time.time() - t0:.1f} s")
         files.append(f"{stem}.aoti.pt2")
     return files
+
+
+def _copy_vocabularies(model: torch.nn.Module, dest: Path) -> dict[str, str]:
+    """Copy every vocab table's vocabulary file into the artifact: {feature: its name there}."""
+    out = {}
+    for f, vocab in model.sparse.vocabularies.items():
+        name = vocab_path("", f).as_posix()
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(vocab.source, dest / name)
+        out[f] = name
+    return out
 
 
 def _feature_spec(cfg: Config, ranker: bool) -> dict:
@@ -225,6 +240,8 @@ def export(
         str(dest / WEIGHTS),
     )
     files.append(WEIGHTS)
+    vocab_files = _copy_vocabularies(model, dest)
+    files += list(vocab_files.values())
     manifest = {
         "format_version": FORMAT_VERSION,
         "created_unix": int(time.time()),
@@ -237,7 +254,7 @@ def export(
         },
         "device": "cpu",
         "compiled": compile_aot,
-        "hashing": hashing_spec(cfg),
+        "hashing": hashing_spec(cfg, {f: sha256_file(dest / n) for f, n in vocab_files.items()}),
         "feature_spec": _feature_spec(cfg, cfg.model.task == "ranking"),
         "packages": _versions(),
         "config": to_dict(cfg),
@@ -245,14 +262,21 @@ def export(
         "files": file_entries(dest, files),
     }
     if ranker:
-        manifest["rerank"] = _export_reranker(cfg, ranker, dest, compile_aot, rerank_weights)
+        manifest["rerank"] = _export_reranker(
+            cfg, ranker, dest, compile_aot, rerank_weights, manifest["hashing"]
+        )
     (dest / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     log(f"wrote {len(files)} files + {MANIFEST} to {dest} in {time.time() - t_start:.1f} s")
     return manifest
 
 
 def _export_reranker(
-    cfg: Config, ranker: str, dest: Path, compile_aot: bool, weights: dict[str, float] | None
+    cfg: Config,
+    ranker: str,
+    dest: Path,
+    compile_aot: bool,
+    weights: dict[str, float] | None,
+    hashing: dict,
 ) -> dict:
     """Export the paired ranking checkpoint into dest/RERANKER_DIR; its manifest section."""
     if cfg.model.task != "retrieval":
@@ -260,7 +284,7 @@ def _export_reranker(
     sub = export(ranker, str(dest / RERANKER_DIR), compile_aot=compile_aot)
     if sub["task"] != "ranking":
         raise ValueError(f"--ranker {ranker}: a {sub['task']} checkpoint, not a ranking one")
-    if sub["hashing"]["features"][ITEM_KEY] != hashing_spec(cfg)["features"][ITEM_KEY]:
+    if sub["hashing"]["features"][ITEM_KEY] != hashing["features"][ITEM_KEY]:
         raise ValueError(
             f"--ranker {ranker}: its item table hashes ids differently from the retrieval "
             "model's; pair checkpoints trained with the same embeddings.tables"

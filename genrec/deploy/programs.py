@@ -5,7 +5,9 @@ twin of training's torch hash) into table rows, and the programs take those rows
 table's row is the raw id itself; an id beyond its rows is refused before the program). Reasons:
 the hash relies on int64 wraparound, which is undefined behaviour in the C++ that
 AOTInductor emits; and the rows are what a test can compare with training's
-`SparseEmbeddings.hash_features` directly. The table lookup (sum of the k hashed rows) is
+`SparseEmbeddings.hash_features` directly. A vocab table's rows come from its vocabulary,
+which the artifact carries (vocab/FEATURE.parquet, sha256 in the manifest) and maps with the
+numpy twin (`Vocabulary.rows`) of training's torch mapping. The table lookup (sum of the k hashed rows) is
 inside the program, so the program's weights are the embedding table(s) + the dense model.
 
 Inputs (B sequences, L events, k hashes of item_id, C candidates; all int64):
@@ -31,14 +33,28 @@ from torch import nn
 
 from genrec.config import Config
 from genrec.data_pipeline.batch import ITEM_KEY
+from genrec.data_pipeline.vocabulary import Vocabulary, vocab_path
 from genrec.embeddings.hashing import HASH_VERSION, feature_seed, hash_ids_np
 
 
-def hashing_spec(cfg: Config) -> dict:
-    """Per embedded feature: its table, its kind, bucket count and the seeds of its k hashes."""
+def hashing_spec(cfg: Config, vocab_sha256: dict[str, str] | None = None) -> dict:
+    """Per embedded feature: its table, its kind, bucket count and the seeds of its k hashes;
+    a vocab feature: its vocabulary file in the artifact and that file's sha256
+    (`vocab_sha256`, {feature: digest}, as export writes them)."""
     out = {}
     for t in cfg.embeddings.tables:
         for f in t.features:
+            if t.kind == "vocab":
+                out[f] = {
+                    "table": t.name,
+                    "kind": "vocab",
+                    "num_buckets": t.num_embeddings,
+                    "num_hashes": 1,
+                    "seeds": [],
+                    "vocab_file": vocab_path("", f).as_posix(),
+                    "vocab_sha256": (vocab_sha256 or {}).get(f),
+                }
+                continue
             out[f] = {
                 "table": t.name,
                 "kind": t.kind,
@@ -67,10 +83,35 @@ def direct_rows_beyond(raw_ids, item_hashing: dict) -> int | None:
     return int(bad[0]) if bad.size else None
 
 
-def item_rows_np(raw_ids: np.ndarray, item_hashing: dict) -> np.ndarray:
+def load_item_vocabulary(directory, item_hashing: dict) -> Vocabulary | None:
+    """The item vocabulary an artifact carries (None: the item table is not kind vocab),
+    checked against the table's row count; a missing or foreign file fails naming it."""
+    if item_hashing.get("kind") != "vocab":
+        return None
+    vocab = Vocabulary.read(
+        str(directory),
+        ITEM_KEY,
+        fix="the artifact is incomplete or was changed: re-export it with `genrec export`",
+    )
+    if vocab.num_rows != item_hashing["num_buckets"]:
+        raise ValueError(
+            f"{vocab.source}: {vocab.num_rows} rows but the artifact's item table has "
+            f"{item_hashing['num_buckets']}: the file is not the one exported; re-export"
+        )
+    return vocab
+
+
+def item_rows_np(
+    raw_ids: np.ndarray, item_hashing: dict, vocab: Vocabulary | None = None
+) -> np.ndarray:
     """Raw int64 ids (any shape) -> table rows [..., k], exactly as training maps them
-    (k seeded hashes; a direct table's row is the id itself, k=1)."""
+    (k seeded hashes; a direct table's row is the id itself, k=1; a vocab table's row is
+    the vocabulary's, `vocab` from `load_item_vocabulary`, k=1)."""
     raw = np.asarray(raw_ids, dtype=np.int64)
+    if item_hashing.get("kind") == "vocab":
+        if vocab is None:
+            raise ValueError("the item table is kind: vocab: pass the artifact's vocabulary")
+        return vocab.rows(raw)[..., None]
     if item_hashing.get("kind") == "direct":
         i = direct_rows_beyond(raw, item_hashing)
         if i is not None:
@@ -95,7 +136,7 @@ def _item_table(model: nn.Module, cfg: Config) -> torch.Tensor:
     table = next(t for t in cfg.embeddings.tables if ITEM_KEY in t.features)
     if table.kind == "managed_collision":
         raise ValueError(
-            f"export: table {table.name!r} is managed_collision; only hashed or direct item "
+            f"export: table {table.name!r} is managed_collision; only hashed, direct or vocab item "
             "tables can be exported (the MCH remapping is stateful); use kind: hashed or "
             "direct for serving models"
         )
@@ -204,6 +245,7 @@ def pad_histories(
     actions: list[np.ndarray],
     max_len: int,
     item_hashing: dict,
+    vocab: Vocabulary | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Requests -> padded program inputs; each history keeps its last `max_len` events."""
     B = len(histories)
@@ -216,7 +258,7 @@ def pad_histories(
         ids[b, :n] = histories[b][-n:]
         ts[b, :n] = timestamps[b][-n:]
         act[b, :n] = actions[b][-n:]
-    rows = item_rows_np(ids, item_hashing)
+    rows = item_rows_np(ids, item_hashing, vocab)
     return (
         torch.from_numpy(rows),
         torch.from_numpy(act),

@@ -2,7 +2,8 @@
 
 Pydantic checks the shape (unknown fields, non-integer or negative ids, ids beyond int64);
 `check_*` checks what depends on the artifact (deploy.max_history, deploy.max_k, the
-model's action codes, aligned list lengths, ids a direct item table has no row for).
+model's action codes, aligned list lengths, ids a direct item table has no row for; a
+vocab table has a row for every id, its overflow rows, so no id is refused).
 Every failure is a `RequestError` whose message starts with the offending field, e.g.
 "history[3]: Input should be a valid integer".
 """

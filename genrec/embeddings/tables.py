@@ -16,8 +16,14 @@ collections that DistributedModelParallel may replace by sharded ones:
   crash the device).
 - managed collision (kind="managed_collision"): TorchRec's MCH module remaps raw ids to
   rows, keeping the most frequent ids (LFU eviction). Raw ids pass through unhashed.
+- vocabulary tables (kind="vocab"): the feature's vocabulary file beside the prepared shards
+  (PREPARED/vocab/FEATURE.parquet, see `genrec.data_pipeline.vocabulary`) maps each raw id
+  to a row: frequent ids one row each, every other id (rare or never seen) a hashed
+  overflow row. `num_embeddings` must equal the vocabulary's row count (checked when the
+  module is built, naming the file). Export and serving map ids through the same file
+  (its numpy twin); one vocab feature per table.
 
-Hashed and direct tables live in `ec` (an EmbeddingCollection) and managed-collision
+Hashed, direct and vocab tables live in `ec` (an EmbeddingCollection) and managed-collision
 tables in `mc_ec` (a ManagedCollisionEmbeddingCollection); either is None when no table is
 of its kind. Both are what DMP shards. Hashed or direct tables named in `replicated`
 (their sharding strategy is data_parallel, see
@@ -48,6 +54,7 @@ from torchrec.modules.mc_modules import (
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from genrec.config import Config, EmbeddingsConfig, TableConfig
+from genrec.data_pipeline.vocabulary import Vocabulary, vocab_path
 from genrec.embeddings.hashing import check_hash_version, feature_seed, hash_ids
 
 MC_EVICTION_INTERVAL = 1  # MCH eviction every training step (in forward while training)
@@ -86,6 +93,11 @@ def _validate(cfg: EmbeddingsConfig) -> None:
             raise ValueError(f"{where}: {t.kind} tables take num_hashes: 1 (no hashing)")
         if not t.features:
             raise ValueError(f"{where}: features is empty; list the features it embeds")
+        if t.kind == "vocab" and len(t.features) != 1:
+            raise ValueError(
+                f"{where}: a kind: vocab table embeds exactly one feature (its rows are that "
+                f"feature's vocabulary), got {t.features}; give each feature its own table"
+            )
         for f in t.features:
             if f in seen:
                 raise ValueError(
@@ -131,6 +143,46 @@ def check_direct_ids(ids: torch.Tensor, feature: str, t: TableConfig) -> None:
         )
 
 
+def check_vocab_rows(vocab: Vocabulary, t: TableConfig, path) -> None:
+    """A vocab table's rows ARE its vocabulary's rows: fail naming the file and the fix."""
+    if vocab.num_rows != t.num_embeddings:
+        raise ValueError(
+            f"{path}: the vocabulary has {vocab.num_rows} rows ({vocab.ids.size} ids + "
+            f"{vocab.overflow_rows} overflow) but table {t.name!r} (kind: vocab) has "
+            f"num_embeddings {t.num_embeddings}: set num_embeddings: {vocab.num_rows} for that "
+            "table (`genrec plan` prints it), or point data.prepared_dir at the prepared data "
+            "whose vocabulary this model was configured for"
+        )
+
+
+def load_vocabularies(cfg: EmbeddingsConfig, prepared_dir: str) -> dict[str, Vocabulary]:
+    """{feature: vocabulary} of every kind: vocab table, read from `prepared_dir` and checked
+    against the table's num_embeddings (empty without vocab tables: no file is read)."""
+    _validate(cfg)
+    out: dict[str, Vocabulary] = {}
+    for t in cfg.tables:
+        if t.kind != "vocab":
+            continue
+        for f in t.features:
+            out[f] = read_vocabulary(prepared_dir, t, f)
+            check_vocab_rows(out[f], t, vocab_path(prepared_dir, f))
+    return out
+
+
+def read_vocabulary(prepared_dir: str, t: TableConfig, feature: str) -> Vocabulary:
+    """The vocabulary file of `feature` of vocab table `t`; a missing one fails naming it."""
+    fix = (
+        f"table {t.name!r} is kind: vocab; build the file with `genrec prepare ... "
+        "--vocab-min-count N`, point data.prepared_dir at the prepared data that has "
+        "it, or use kind: hashed"
+    )
+    return Vocabulary.read(prepared_dir, feature, fix=fix)
+
+
+def vocab_digest_name(feature: str) -> str:
+    return f"vocab_digest_{feature}"
+
+
 class ReplicatedTable(torch.nn.Module):
     """A data-parallel table: one full fp32 weight per rank, dense gradients (DDP averages).
 
@@ -162,11 +214,14 @@ class SparseEmbeddings(torch.nn.Module):
         device: torch.device | None = None,
         mc_buckets: int | None = None,
         replicated: list[str] | tuple[str, ...] = (),
+        vocabularies: dict[str, Vocabulary] | None = None,
     ) -> None:
         """`mc_buckets`: buckets of MCH tables, a multiple of the world size for row-wise
         sharding (None: the process group's world size, 1 without one). `replicated`:
         hashed/direct tables held as data-parallel `ReplicatedTable`s instead of in `ec`
-        (use `from_config`, which reads them from the sharding config)."""
+        (use `from_config`, which reads them from the sharding config). `vocabularies`:
+        {feature: Vocabulary} of the kind: vocab tables (`from_config` reads them from
+        data.prepared_dir)."""
         super().__init__()
         if mc_buckets is None:
             mc_buckets = dist.get_world_size() if dist.is_initialized() else 1
@@ -178,7 +233,7 @@ class SparseEmbeddings(torch.nn.Module):
         for name in replicated:
             if name not in by_name or by_name[name].kind == "managed_collision":
                 raise ValueError(
-                    f"replicated (data_parallel) table {name!r}: not a hashed or direct table "
+                    f"replicated (data_parallel) table {name!r}: not a hashed, direct or vocab table "
                     f"of embeddings.tables ({sorted(by_name)}); managed_collision tables shard "
                     "row_wise only"
                 )
@@ -201,6 +256,22 @@ class SparseEmbeddings(torch.nn.Module):
             for j, k in enumerate(hash_keys(f, t.num_hashes))
         }
         self._direct = {f for t in ec_tables + dp if t.kind == "direct" for f in t.features}
+        self._vocab: dict[str, Vocabulary] = {}
+        for t in cfg.tables:
+            for f in t.features if t.kind == "vocab" else ():
+                if f not in (vocabularies or {}):
+                    raise ValueError(
+                        f"table {t.name!r} is kind: vocab but no vocabulary of feature {f!r} "
+                        "was given; build the module with SparseEmbeddings.from_config, which "
+                        "reads PREPARED/vocab/FEATURE.parquet from data.prepared_dir"
+                    )
+                check_vocab_rows(vocabularies[f], t, vocabularies[f].source or repr(f))
+                self._vocab[f] = vocabularies[f]
+                # the checkpoint records which vocabulary the rows were trained under
+                self.register_buffer(
+                    vocab_digest_name(f), torch.from_numpy(self._vocab[f].digest())
+                )
+        self._vocab_checked = False
         self.replicated = torch.nn.ModuleDict({t.name: ReplicatedTable(t, device) for t in dp})
         self.ec: EmbeddingCollection | None = None
         self.mc_ec: ManagedCollisionEmbeddingCollection | None = None
@@ -227,10 +298,16 @@ class SparseEmbeddings(torch.nn.Module):
 
     @classmethod
     def from_config(cls, cfg: Config, device: torch.device | None = None) -> SparseEmbeddings:
-        """The model's embeddings: data_parallel tables (sharding config) replicated."""
+        """The model's embeddings: data_parallel tables (sharding config) replicated, vocab
+        tables' vocabularies read from data.prepared_dir."""
         from genrec.sharding_plans.strategies import replicated_tables
 
-        return cls(cfg.embeddings, device=device, replicated=replicated_tables(cfg))
+        return cls(
+            cfg.embeddings,
+            device=device,
+            replicated=replicated_tables(cfg),
+            vocabularies=load_vocabularies(cfg.embeddings, cfg.data.prepared_dir),
+        )
 
     def table_weight(self, name: str) -> torch.Tensor:
         """The full weight of a hashed/direct table of an UNSHARDED module (export, tests)."""
@@ -239,6 +316,27 @@ class SparseEmbeddings(torch.nn.Module):
         if self.ec is not None and name in self.ec.embeddings:
             return self.ec.embeddings[name].weight
         raise KeyError(f"no hashed or direct table {name!r} (replicated or in ec)")
+
+    @property
+    def vocabularies(self) -> dict[str, Vocabulary]:
+        """{feature: Vocabulary} of the kind: vocab tables (export copies their files)."""
+        return dict(self._vocab)
+
+    def check_vocabularies(self) -> None:
+        """Fail naming the file when a vocab table's vocabulary is not the one its weights
+        were trained under (the digest a loaded checkpoint put in the buffer differs)."""
+        for f, vocab in self._vocab.items():
+            recorded = getattr(self, vocab_digest_name(f))
+            if recorded.is_meta:
+                continue
+            if not torch.equal(recorded.cpu(), torch.from_numpy(vocab.digest())):
+                raise ValueError(
+                    f"{vocab.source or f}: this vocabulary of {f!r} is not the one the "
+                    "checkpoint's rows were trained under (its recorded digest differs): "
+                    "point data.prepared_dir at the prepared data of that training run (or "
+                    "restore its vocab/ file), or train anew on this vocabulary"
+                )
+        self._vocab_checked = True
 
     @property
     def features(self) -> list[str]:
@@ -255,6 +353,8 @@ class SparseEmbeddings(torch.nn.Module):
         Configured features missing from `kjt` get zero lengths (sharded collections want
         every key); keys that no table embeds (e.g. "action") are not looked up.
         """
+        if self._vocab and not self._vocab_checked:  # once, after any checkpoint load
+            self.check_vocabularies()
         jts = kjt.to_dict()
         stride = kjt.stride()
         empty_lengths = torch.zeros(stride, dtype=torch.int32, device=kjt.values().device)
@@ -272,6 +372,8 @@ class SparseEmbeddings(torch.nn.Module):
                 ids = hash_ids(ids, self._seeds[key], self._table_of[feature].num_embeddings)
             elif feature in self._direct:
                 check_direct_ids(ids, feature, self._table_of[feature])
+            elif feature in self._vocab:
+                ids = self._vocab[feature].rows_torch(ids)
             values.append(ids.to(torch.int64))
             lengths.append(jt.lengths().to(torch.int32))
         device = kjt.values().device

@@ -9,11 +9,13 @@ EmbeddingShardingPlanner on the configured topology with per-table ParameterCons
 shapes, so a model on the meta device plans a cluster that is not here. data_parallel
 tables are not in the plan: SparseEmbeddings replicates them (DDP), and `describe_plan`
 and `rank_memory` list them from the config. A model whose tables are all data_parallel
-gets an empty plan (DMP then only wraps it in DDP).
+gets an empty plan (DMP then only wraps it in DDP). `genrec plan` sizes kind: vocab tables
+from their vocabulary files beside the prepared shards (`sized_by_vocabularies`).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingCollection
 
 from genrec.config import Config
+from genrec.sharding_plans import estimates as est
 from genrec.sharding_plans.strategies import (
     STRATEGIES,
     TableShape,
@@ -325,8 +328,8 @@ def describe_plan(
         mem = rank_memory(plan, cfg, world)
         cap = cfg.sharding.topology.hbm_gb
         lines.append(
-            f"memory per rank (fp32 weights + {cfg.trainer.sparse_optimizer} state), "
-            f"GiB of {cap:g}:"
+            f"memory per rank: fp32 weights + {cfg.trainer.sparse_optimizer} state only "
+            f"(activations below), GiB of {cap:g}:"
         )
         for r0 in range(0, world, 8):
             row = "  ".join(f"r{r}={mem[r] / GIB:7.2f}" for r in range(r0, min(world, r0 + 8)))
@@ -335,16 +338,114 @@ def describe_plan(
     return "\n".join(lines)
 
 
-def plan_command(cfg: Config, save: str = "") -> int:
-    """`genrec plan CONFIG`: plan on the meta device for the configured topology."""
+def sized_by_vocabularies(cfg: Config) -> tuple[Config, dict, list[str]]:
+    """(a copy of cfg whose kind: vocab tables have their vocabulary's row count as
+    num_embeddings, {feature: Vocabulary}, a note per table whose config said otherwise).
+    The files are read from data.prepared_dir; a missing one fails naming it."""
+    from genrec.embeddings.tables import read_vocabulary
+
+    cfg = copy.deepcopy(cfg)
+    vocabularies, notes = {}, []
+    for t in cfg.embeddings.tables:
+        for f in t.features if t.kind == "vocab" else ():
+            vocab = read_vocabulary(cfg.data.prepared_dir, t, f)
+            vocabularies[f] = vocab
+            if vocab.num_rows != t.num_embeddings:
+                notes.append(
+                    f"table {t.name!r}: {vocab.num_rows} rows from {vocab.source} (config says "
+                    f"{t.num_embeddings}; set num_embeddings: {vocab.num_rows} to train it)"
+                )
+                t.num_embeddings = vocab.num_rows
+    return cfg, vocabularies, notes
+
+
+def table_sharding(plan: ShardingPlan) -> dict[str, tuple[str, int]]:
+    """Table -> (sharding type, column shards) of the model-parallel tables of a plan."""
+    out = {}
+    for tables in plan.plan.values():
+        for name, ps in tables.items():
+            shards = ps.sharding_spec.shards if ps.sharding_spec is not None else []
+            cols = len({s.shard_offsets[1] for s in shards}) or 1
+            out[name] = (ps.sharding_type, cols)
+    return out
+
+
+def dense_parameters(cfg: Config) -> int:
+    """Parameters of the HSTU encoder (built on the meta device); 0 for other kinds."""
+    if cfg.model.kind != "hstu":
+        return 0
+    from genrec.models.hstu import HSTUEncoder
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in HSTUEncoder(cfg.model).parameters())
+
+
+def size(nbytes: float) -> str:
+    """Bytes in the largest binary unit they fill: '1.50 GiB', '12.00 KiB', '80 B'."""
+    for unit, name in ((GIB, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+        if nbytes >= unit:
+            return f"{nbytes / unit:.2f} {name}"
+    return f"{nbytes:.0f} B"
+
+
+def describe_time(
+    cfg: Config, plan: ShardingPlan, world: int, events: int = 0, tokens_per_s: float = 0.0
+) -> str:
+    """The time model (estimates.py): activations, communication, hours for one pass."""
+    data = est.pass_data(cfg, events)
+    act = est.activation_bytes(cfg, data)
+    params = dense_parameters(cfg)
+    comm = est.comm_bytes(cfg, table_sharding(plan), world, params)
+    b, mt = cfg.trainer.batch_size, est.max_tokens(cfg)
+    pos = est.positions(cfg, data)
+    how = "mean targets per row of the data" if data.rows else "every event a target"
+    enc, logits, rows = act["encoder"], act["loss_logits"], act["embedding_rows"]
+    lines = [
+        f"time model (estimates per rank and step at batch {b}, see sharding_plans/estimates.py)",
+        f"  activations: encoder {size(enc)} ({b} x {mt} tokens), loss logits {size(logits)} "
+        f"({pos} positions: {how}), looked-up rows {size(rows)}; total "
+        f"{size(enc + logits + rows)}",
+        f"  (the PyTorch reference attention adds {size(act['reference_attention_scores'])} "
+        "of scores; the Triton kernel keeps none)",
+        f"  sent per step: all-to-all {size(comm['all_to_all'])} (sharded tables), all-reduce "
+        f"{size(comm['all_reduce'])} (replicated tables + {params:,} dense parameters)",
+    ]
+    speed = tokens_per_s or est.default_tokens_per_s(cfg)
+    cite = (
+        "--tokens-per-s"
+        if tokens_per_s
+        else est.SOURCE_OF_SPEED.format(layers=cfg.model.num_layers)
+    )
+    hours = est.pass_hours(cfg, data, speed, world)
+    if hours is None:
+        lines.append(
+            f"  hours per pass: unknown events (no {cfg.data.prepared_dir}/_meta.json); "
+            "pass --events N"
+        )
+    else:
+        lo, hi = hours
+        span = f"{lo:,.2f}" if lo == hi else f"{lo:,.2f} to {hi:,.2f}"
+        history = "" if data.rows else "; history re-encoding not counted: rows unknown"
+        lines.append(
+            f"  one pass over {data.events:,} events ({data.where}): {span} hours on {world} "
+            f"GPUs at {speed:,.0f} tokens/s per GPU (an estimate{history}; {cite})"
+        )
+    return "\n".join(lines)
+
+
+def plan_command(cfg: Config, save: str = "", events: int = 0, tokens_per_s: float = 0.0) -> int:
+    """`genrec plan CONFIG`: plan on the meta device for the configured topology; print
+    memory per rank and the time model; vocab tables are sized from their vocabulary files."""
     from genrec.embeddings.tables import SparseEmbeddings
 
+    cfg, vocabularies, notes = sized_by_vocabularies(cfg)
     topo = cfg.sharding.topology
     module = SparseEmbeddings(
         cfg.embeddings,
         device=torch.device("meta"),
         mc_buckets=topo.world_size,
         replicated=replicated_tables(cfg),
+        vocabularies=vocabularies,
     )
     plan = build_plan(cfg, module, world_size=topo.world_size, device_type=topo.device)
     print(
@@ -352,7 +453,10 @@ def plan_command(cfg: Config, save: str = "") -> int:
         f"{topo.world_size // topo.hosts} {topo.device}, {topo.hbm_gb:g} GiB each), "
         f"strategy {cfg.sharding.strategy}"
     )
+    for note in notes:
+        print(f"vocab {note}")
     print(describe_plan(plan, cfg, topo.world_size))
+    print(describe_time(cfg, plan, topo.world_size, events, tokens_per_s))
     if save:
         save_plan(plan, save)
         print(f"plan written to {save}")

@@ -11,8 +11,8 @@ model.task (tasks.py) and owns what every mode shares:
   init_from(path)              model weights only, from another run (warm start)
   check_replicas()             dense data-parallel replicas must agree across ranks
 
-Runners (stream.py: one time-ordered pass; epochs.py: leave-one-out epochs) subclass it and
-add only their loop; `loop.run_worker` picks one by trainer.mode. Each stage of a step is a
+Runners (stream_runner.py: one time-ordered pass; epochs.py: leave-one-out epochs) subclass
+it and add only their loop; `loop.run_worker` picks one by trainer.mode. Each stage of a step is a
 method labelled with `torch.profiler.record_function`, so a profile reads like the code:
 genrec.read_batch, genrec.evaluate, genrec.train_step, genrec.log, genrec.checkpoint.
 """
@@ -31,7 +31,7 @@ from torch.profiler import record_function
 from genrec.config import Config, to_dict
 from genrec.trainer import checkpoint as ckpt
 from genrec.trainer.assembly import assemble
-from genrec.trainer.distributed import DistContext, all_reduce_
+from genrec.trainer.distributed import DistContext, all_reduce_, checkpoint_group
 from genrec.trainer.metrics_log import MetricsLogger
 from genrec.trainer.negatives import step_generator
 from genrec.trainer.progressive import WindowMetrics
@@ -61,6 +61,7 @@ class TrainerCore:
         self.task = build_task(cfg, self.model, self.catalog, ctx.device)
         self.step = 0
         self._saved_step = -1
+        self._pending: ckpt.PendingCheckpoint | None = None
         self.history: list[dict] = []  # per-window / per-epoch rows
         self.logger = MetricsLogger(self.run_dir, enabled=ctx.is_main and log_metrics)
         self.autocast = (
@@ -88,6 +89,10 @@ class TrainerCore:
         return {"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}
 
     def save(self) -> Path:
+        """Checkpoint the current step. With trainer.async_checkpoint the model and optimizer
+        are staged into host memory and written in the background; the checkpoint is
+        finished (renamed into place) at the next save, restore or `wait_for_checkpoint`."""
+        self.wait_for_checkpoint()  # one in flight at a time
         with record_function("genrec.checkpoint"):
             state = {
                 "step": self.step,
@@ -97,29 +102,52 @@ class TrainerCore:
                 **self.progress_state(),
             }
             self._saved_step = self.step
-            return ckpt.save_checkpoint(
+            shared, own = self.task.state_tensors()
+            self._pending = ckpt.save_checkpoint(
                 self.run_dir,
                 self.step,
                 self._app_state(),
                 state,
-                self.task.state_tensors(),
+                own,
+                shared=shared,  # equal on every rank: saved once
                 keep_last=self.cfg.trainer.keep_last,
                 protect=self.protected_checkpoint(),
+                async_group=(checkpoint_group() or True)
+                if self.cfg.trainer.async_checkpoint
+                else False,
             )
+            return self._pending.path
+
+    def wait_for_checkpoint(self) -> None:
+        """Finish the checkpoint in flight, if any (collective)."""
+        if self._pending is not None:
+            with record_function("genrec.checkpoint_wait"):
+                self._pending.wait()
+            self._pending = None
 
     def restore(self, path: Path) -> None:
+        self.wait_for_checkpoint()
         app = self._app_state()
         ckpt.load_sharded(path, app)
         self.model.load_state_dict(app["model"])
         self.optimizer.load_state_dict(app["optim"])
         state = ckpt.read_state(path)
-        self.task.load_state_tensors(
-            ckpt.read_tensors(path, self.ctx.rank, int(state["world_size"]))
-        )
+        self._restore_task_state(path, int(state["world_size"]))
         self.step = self._saved_step = int(state["step"])
         self.logger.resume_at(self.step)
         self.history = list(state.get("history", []))
         self.load_progress_state(state)
+
+    def _restore_task_state(self, path: Path, saved_world: int) -> None:
+        """Same world size: the shared state and this rank's own. Another world size: every
+        old rank's own state, resharded exactly by the task (nothing lost or counted twice)."""
+        shared = ckpt.read_shared_tensors(path)
+        rank, world = self.ctx.rank, self.ctx.world_size
+        if saved_world == world:
+            self.task.load_state_tensors(shared, ckpt.read_tensors(path, rank))
+        else:
+            owns = [ckpt.read_tensors(path, r) for r in range(saved_world)]
+            self.task.load_state_tensors(*self.task.reshard(shared, owns, world)[rank])
 
     def has_checkpoint(self) -> bool:
         return ckpt.latest_checkpoint(self.run_dir) is not None
@@ -157,34 +185,40 @@ class TrainerCore:
         for group in self.dense_optimizer.param_groups:
             group["lr"] = t.lr * scale
 
-    def train_step(self, batch, metrics: WindowMetrics) -> float:
-        """One optimizer step on `batch`; returns the loss (its mean over targets)."""
+    def train_step(self, batch, metrics: WindowMetrics, host_batch=None) -> torch.Tensor:
+        """One optimizer step on `batch`; returns the loss (its mean over targets), detached
+        and where it was computed: reading it is a host sync, left to the caller.
+        `host_batch`: the same batch still on the host, for the task's host bookkeeping
+        (no device-to-host copy of its ids); default `batch`."""
         with record_function("genrec.train_step"):
             self.model.train()
             self._set_learning_rates()
             seed, rank = self.cfg.trainer.seed, self.ctx.rank
             torch.manual_seed(seed * 7919 + self.step * 131 + rank)  # dropout, pool picks
             with self.autocast:
-                loss, n = self.task.loss(batch, step_generator(seed, self.step, rank))
+                rng = step_generator(seed, self.step, rank)
+                loss, n = self.task.loss(batch, rng, host_batch)
             loss.backward()
             if self.cfg.trainer.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.dense_params, self.cfg.trainer.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            value = float(loss.detach())
-            metrics.add_loss(value, float(n))
-            return value
+            loss = loss.detach()
+            metrics.add_loss(loss, float(n))
+            return loss
 
     def log(self, kind: str, x: int, values: dict, window: int = -1) -> None:
         with record_function("genrec.log"):
             self.logger.log(kind, x, values, window)
 
     def check_replicas(self) -> None:
-        """Dense parameters are data-parallel: every rank must hold the same values."""
+        """Dense parameters are data-parallel: every rank must hold the same values (summed on
+        the device, compared on the host group: one readback per window)."""
         with torch.no_grad():
             total = torch.stack([p.detach().double().sum() for p in self.dense_params]).sum()
-        lo = all_reduce_(total.clone().cpu(), dist.ReduceOp.MIN)
-        hi = all_reduce_(total.clone().cpu(), dist.ReduceOp.MAX)
+        total = total.cpu()
+        lo = all_reduce_(total.clone(), dist.ReduceOp.MIN)
+        hi = all_reduce_(total.clone(), dist.ReduceOp.MAX)
         if not torch.isclose(lo, hi, rtol=1e-9, atol=1e-9):
             raise RuntimeError(
                 f"dense replicas diverged across ranks (param sums {float(lo)} vs {float(hi)}): "

@@ -179,6 +179,7 @@ class EpochTrainer(TrainerCore):
             "seconds": time.time() - t_start,  # training and scoring, start-up excluded
         }
         self.history = [*self.history, result]
+        self.wait_for_checkpoint()
         self.logger.close()
         return self.history
 

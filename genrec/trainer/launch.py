@@ -147,17 +147,21 @@ def _ray_train_loop(config: dict) -> None:
     # the worker's CPU reservation bounds its threads (OpenMP spin-waits otherwise)
     torch.set_num_threads(max(1, int(cfg.trainer.ray_workers_cpus)))
     ctx = context_from_initialized(cfg.sharding.topology.device)
-    _record_worker(Path(cfg.trainer.run_dir), ctx.rank)
+    import ray
+
+    _record_worker(Path(cfg.trainer.run_dir), ctx.rank, ray.get_runtime_context().get_node_id())
     run_worker(cfg, ctx, resume=True)
 
 
 WORKERS_DIR = "workers"
 
 
-def _record_worker(run_dir: Path, rank: int) -> None:
-    """`run_dir/workers/rank-R.json`: which process on which host runs rank R right now.
+def _record_worker(run_dir: Path, rank: int, node_id: str = "") -> None:
+    """`run_dir/workers/rank-R.json`: which process on which host (and Ray node, under the
+    ray launcher) runs rank R right now.
 
-    For operators (and the fault-tolerance test): inspect, profile or kill one rank."""
+    For operators (and the fault-tolerance and placement tests): inspect, profile or kill
+    one rank."""
     import socket
 
     out = run_dir / WORKERS_DIR
@@ -167,6 +171,7 @@ def _record_worker(run_dir: Path, rank: int) -> None:
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "master": f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}",
+        "node_id": node_id,
     }
     tmp = out / f".rank-{rank}.json.tmp"
     tmp.write_text(json.dumps(info))
@@ -261,6 +266,14 @@ def _check_cpu_reservation(cfg: Config) -> None:
         )
 
 
+def _all_nodes_on_loopback() -> bool:
+    """True when every alive node of the connected Ray cluster listens on 127.0.0.1."""
+    import ray
+
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    return bool(alive) and all(n.get("NodeManagerAddress") == "127.0.0.1" for n in alive)
+
+
 def _ray_launch(cfg: Config, resume: bool) -> None:
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -289,7 +302,7 @@ def _ray_launch(cfg: Config, resume: bool) -> None:
     progress = RayRunProgress(Path(cfg.trainer.run_dir))
     try:
         _check_cpu_reservation(cfg)
-        local = not cfg.data.ray_address
+        local = not cfg.data.ray_address or _all_nodes_on_loopback()
         trainer = TorchTrainer(
             _ray_train_loop,
             train_loop_config={"cfg": to_dict(cfg)},
@@ -306,7 +319,8 @@ def _ray_launch(cfg: Config, resume: bool) -> None:
                 name="genrec",
                 storage_path=str(Path(cfg.trainer.run_dir) / "ray"),
                 failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
-                # a local Ray runs on this machine only: keep gloo's sockets on loopback
+                # a local Ray (or a cluster whose nodes are all on 127.0.0.1, i.e. one box)
+                # runs on this machine only: keep gloo's sockets on loopback
                 worker_runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "lo"}} if local else None,
             ),
         )

@@ -168,17 +168,29 @@ class RankingMetrics:
 
 
 class WindowMetrics:
-    """A task's evaluation metrics plus the mean training loss of one window or epoch."""
+    """A task's evaluation metrics plus the mean training loss of one window or epoch.
+
+    The loss sums stay where the loss is (the device): adding one is no host sync; they are
+    read back once, by `loss` / `reduce`."""
 
     def __init__(self, scores: TopKMetrics | RankingMetrics) -> None:
         self.scores = scores
-        self.loss = torch.zeros(2, dtype=torch.float64)  # sum of loss * n, n
+        self._loss: torch.Tensor | None = None  # sum of loss * n, n
 
-    def add_loss(self, loss: float, n: float) -> None:
-        self.loss += torch.tensor([loss * n, n], dtype=torch.float64)
+    def add_loss(self, loss: torch.Tensor | float, n: float) -> None:
+        loss = torch.as_tensor(loss).detach().to(torch.float64)
+        if self._loss is None:
+            self._loss = torch.zeros(2, dtype=torch.float64, device=loss.device)
+        self._loss[0] += loss * n
+        self._loss[1] += n
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """[sum of loss * n, n] on the host (one readback)."""
+        return torch.zeros(2, dtype=torch.float64) if self._loss is None else self._loss.cpu()
 
     def reduce(self) -> dict[str, float]:
         out = self.scores.reduce()
-        s = all_reduce_(self.loss.clone())
+        s = all_reduce_(self.loss)
         out["loss"] = float(s[0] / s[1]) if s[1] > 0 else math.nan
         return out

@@ -137,6 +137,7 @@ class StreamTrainer(TrainerCore):
                 break
             window = b_window
             position_after = stream.position
+            host = batch
             if self.ctx.device.type == "cuda":  # page-locked host copy: async H2D transfer
                 batch = batch.pin_memory()
             batch = batch.to(self.ctx.device, non_blocking=True)
@@ -144,11 +145,15 @@ class StreamTrainer(TrainerCore):
             if self._should_evaluate(evaluated):
                 self.evaluate(batch, metrics.scores)
                 evaluated += 1
-            loss = self.train_step(batch, metrics)
+            loss = self.train_step(batch, metrics, host)
             self.step += 1
             self.position = position_after
             t_step = time.perf_counter() - t1 + t_input
-            if self.ctx.is_main and self.step % self.cfg.trainer.log_every == 0:
+            # the only host sync of a step: the loss, every log_every steps
+            log_now = self.step % self.cfg.trainer.log_every == 0
+            if log_now:
+                loss = float(loss)
+            if self.ctx.is_main and log_now:
                 n = self.ctx.world_size
                 self.log(
                     "step",
@@ -163,12 +168,14 @@ class StreamTrainer(TrainerCore):
                 )
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(window=window, loss=f"{loss:.3f}")
+                if log_now:
+                    bar.set_postfix(window=window, loss=f"{loss:.3f}")
             if every and self.step % every == 0:
                 self.save()
         stream.close()
         if self.step != self._saved_step:  # stopped by max_steps: leave a checkpoint there
             self.save()
+        self.wait_for_checkpoint()
         if bar is not None:
             bar.close()
         self.logger.close()

@@ -2,13 +2,18 @@
 
 The core (core.py) knows neither the mode nor the task; it calls a `Task`:
 
-  loss(batch, rng)        the step's loss (a scalar with grad) and how many targets it
+  loss(batch, rng, host)  the step's loss (a scalar with grad) and how many targets it
                           covers; a task keeps its own bookkeeping here (retrieval: item
-                          frequencies for its negative sampler and baseline)
+                          frequencies for its negative sampler and baseline), from `host`
+                          (the batch before its device copy; None: `batch`)
   new_metrics(...)        an accumulator of the task's progressive metrics
   evaluate(batch, m)      score `batch` with the current weights into `m` (before training)
   sync()                  fold the ranks' running state together (window / epoch end)
-  state_tensors()         host state to checkpoint beside the model; load_state_tensors
+  state_tensors()         host state to checkpoint beside the model, as (shared, own):
+                          `shared` is equal on every rank (saved once), `own` this rank's
+                          (its deltas since the last sync); load_state_tensors(shared, own)
+  reshard(shared, owns, world_size)  the (shared, own) of each of `world_size` new ranks
+                          from every old rank's `own`: the global counts carried exactly
   selection_key           the validation metric epochs mode selects on (selection_sign)
   describe(row, prefix)   one short line of a metrics row, for progress output
 
@@ -20,13 +25,13 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-import torch.distributed as dist
 
 from genrec.config import Config
 from genrec.data_pipeline.batch import Batch
-from genrec.embeddings.frequency import CountMinSketch, PopularitySampler
+from genrec.embeddings.frequency import FrequencyState, PopularitySampler
 from genrec.models.ranking import candidate_events
 from genrec.models.retrieval import target_events
+from genrec.trainer.distributed import host_group
 from genrec.trainer.negatives import NegativeSampler
 from genrec.trainer.progressive import (
     ItemRateBaseline,
@@ -34,18 +39,26 @@ from genrec.trainer.progressive import (
     RankingMetrics,
     TopKMetrics,
 )
+from genrec.trainer.sharded_eval import sharded_top_k
+
+Tensors = dict[str, torch.Tensor]
 
 
 class Task(Protocol):
     selection_key: str
     selection_sign: float  # +1: higher is better
 
-    def loss(self, batch: Batch, rng: torch.Generator) -> tuple[torch.Tensor, int]: ...
+    def loss(
+        self, batch: Batch, rng: torch.Generator, host: Batch | None = None
+    ) -> tuple[torch.Tensor, int]: ...
     def new_metrics(self, ks: tuple[int, ...], model_prefix: str, count_key: str): ...
     def evaluate(self, batch: Batch, metrics) -> None: ...
     def sync(self) -> None: ...
-    def state_tensors(self) -> dict[str, torch.Tensor]: ...
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None: ...
+    def state_tensors(self) -> tuple[Tensors, Tensors]: ...
+    def load_state_tensors(self, shared: Tensors, own: Tensors) -> None: ...
+    def reshard(
+        self, shared: Tensors, owns: list[Tensors], world_size: int
+    ) -> list[tuple[Tensors, Tensors]]: ...
     def describe(self, row: dict, prefix: str = "") -> str: ...
 
 
@@ -68,30 +81,30 @@ class RetrievalTask:
     def __init__(self, cfg: Config, model, catalog: torch.Tensor, device: torch.device) -> None:
         self.cfg, self.model, self.catalog, self.device = cfg, model, catalog, device
         self.rc = cfg.model.retrieval
-        fc = cfg.embeddings.frequency
         seed = cfg.trainer.seed
-        self.sketch = CountMinSketch(fc.depth, fc.width, conservative=False, seed=seed)
-        self.sketch_delta = CountMinSketch(fc.depth, fc.width, conservative=False, seed=seed)
+        # synced + this rank's delta, updated in place: no sketch-sized allocation per step
+        self.frequency = FrequencyState(cfg.embeddings.frequency, seed=seed)
         self.popular = PopularitySampler(capacity=65536, seed=seed)
         self.baseline = PopularityBaseline(catalog)
+        self.catalog_device: torch.Tensor | None = None
         # one negative per target position (SASRec's BCE) instead of a shared pool
         self.per_position = self.rc.loss == "bce" and self.rc.bce_negatives == "per_position"
 
     def _negatives(self, batch: Batch, rng: torch.Generator):
         if self.rc.full_softmax:  # exact softmax: the catalog is the set
             return self.catalog, torch.zeros(self.catalog.numel())
-        s = self.sketch
-        merged = CountMinSketch(s.depth, s.width, conservative=False, seed=s.seed)
-        merged.merge_(s).merge_(self.sketch_delta)
-        sampler = NegativeSampler(self.rc, self.catalog, merged, self.popular)
+        sampler = NegativeSampler(self.rc, self.catalog, self.frequency, self.popular)
         num = int(target_events(batch)[0].numel()) if self.per_position else None
         return sampler.sample(rng, num)
 
-    def loss(self, batch: Batch, rng: torch.Generator) -> tuple[torch.Tensor, int]:
-        items = batch.item_ids.cpu()[batch_target_mask(batch)]  # each event once, as a target
-        self.sketch_delta.update(items)
+    def loss(
+        self, batch: Batch, rng: torch.Generator, host: Batch | None = None
+    ) -> tuple[torch.Tensor, int]:
+        host = batch if host is None else host  # host ids: no device-to-host copy
+        items = host.item_ids.cpu()[batch_target_mask(host)]  # each event once, as a target
+        self.frequency.add_(items)
         self.popular.add(items)
-        negatives, neg_log_q = self._negatives(batch, rng)
+        negatives, neg_log_q = self._negatives(host, rng)
         out = self.model(batch, negatives.to(self.device), neg_log_q.to(self.device))
         # the baseline is scored before this batch's loss and learns from it after
         self.baseline.update(items)
@@ -102,8 +115,11 @@ class RetrievalTask:
 
     def evaluate(self, batch: Batch, metrics: TopKMetrics) -> None:
         k = max(metrics.ks)
-        topk, _, targets = self.model.module.top_k(
-            batch, self.catalog.to(self.device), k, exclude_history=self.rc.exclude_history
+        if self.catalog_device is None:  # copied once, not per eval step
+            self.catalog_device = self.catalog.to(self.device)
+        # each rank scores 1/W of the catalog; equal to model.top_k over all of it
+        topk, _, targets = sharded_top_k(
+            self.model.module, batch, self.catalog_device, k, self.rc.exclude_history
         )
         pop = self.baseline.top_k(
             batch.to("cpu"), k, self.rc.exclude_history, self.cfg.model.max_len
@@ -111,34 +127,54 @@ class RetrievalTask:
         metrics.add(topk.cpu(), pop, targets.cpu())
 
     def sync(self) -> None:
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            self.sketch_delta.all_reduce_()
-        self.sketch.merge_(self.sketch_delta)
-        self.sketch_delta.counters.zero_()
-        self.sketch_delta.total.zero_()
+        """Window end: fold the ranks' frequency deltas in (then decay) and the baseline's."""
+        self.frequency.end_window_(host_group())  # the sketch lives on the host
         self.baseline.sync()
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for prefix, obj in (
-            ("sketch", self.sketch),
-            ("sketch_delta", self.sketch_delta),
-            ("popular", self.popular),
-        ):
-            out.update({f"{prefix}.{k}": torch.as_tensor(v) for k, v in obj.state_dict().items()})
-        out["baseline.counts"] = self.baseline.counts
-        out["baseline.delta"] = self.baseline.delta
-        return out
+    def state_tensors(self) -> tuple[Tensors, Tensors]:
+        freq = self.frequency.state_dict()
+        shared = {
+            **_flat("frequency.synced", freq["synced"]),
+            "baseline.counts": self.baseline.counts,
+        }
+        own = {
+            **_flat("frequency.delta", freq["delta"]),
+            **_flat("popular", self.popular.state_dict()),
+            "baseline.delta": self.baseline.delta,
+        }
+        return shared, own
 
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        for prefix, obj in (
-            ("sketch", self.sketch),
-            ("sketch_delta", self.sketch_delta),
-            ("popular", self.popular),
-        ):
-            obj.load_state_dict(_part(tensors, prefix))
-        self.baseline.counts.copy_(tensors["baseline.counts"])
-        self.baseline.delta.copy_(tensors["baseline.delta"])
+    def load_state_tensors(self, shared: Tensors, own: Tensors) -> None:
+        self.frequency.load_state_dict(
+            {"synced": _part(shared, "frequency.synced"), "delta": _part(own, "frequency.delta")}
+        )
+        self.popular.load_state_dict(_part(own, "popular"))
+        self.baseline.counts.copy_(shared["baseline.counts"])
+        self.baseline.delta.copy_(own["baseline.delta"])
+
+    def reshard(
+        self, shared: Tensors, owns: list[Tensors], world_size: int
+    ) -> list[tuple[Tensors, Tensors]]:
+        """Frequencies and baseline counts: the global sums whole in every new rank's synced
+        part, zero deltas (FrequencyState.reshard); the popularity ring of new rank r is old
+        rank r mod W's (a sample of recent ids, not a count)."""
+        synced = _part(shared, "frequency.synced")
+        freq = FrequencyState.reshard(
+            [{"synced": synced, "delta": _part(own, "frequency.delta")} for own in owns],
+            world_size,
+        )
+        counts, zero = _resharded_counts(shared["baseline.counts"], owns, "baseline.delta")
+        out = []
+        for r, f in enumerate(freq):
+            own = owns[r % len(owns)]
+            new_shared = {**_flat("frequency.synced", f["synced"]), "baseline.counts": counts}
+            new_own = {
+                **_flat("frequency.delta", f["delta"]),
+                **{k: v for k, v in own.items() if k.startswith("popular.")},
+                "baseline.delta": zero,
+            }
+            out.append((new_shared, new_own))
+        return out
 
     def describe(self, row: dict, prefix: str = "") -> str:
         return (
@@ -162,8 +198,10 @@ class RankingTask:
         self.selection_sign = 1.0 if binary else -1.0
         self.baseline = ItemRateBaseline(catalog, len(self.tasks))
 
-    def loss(self, batch: Batch, rng: torch.Generator) -> tuple[torch.Tensor, int]:
-        out = self.model(batch)
+    def loss(
+        self, batch: Batch, rng: torch.Generator, host: Batch | None = None
+    ) -> tuple[torch.Tensor, int]:
+        out = self.model(batch)  # its labels come back to the host for the baseline
         cand, _ = candidate_events(batch)
         self.baseline.update(batch.item_ids[cand].cpu(), out.labels.detach().cpu())
         return out.loss, int(out.num_targets)
@@ -180,12 +218,18 @@ class RankingTask:
     def sync(self) -> None:
         self.baseline.sync()
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"item_rate.counts": self.baseline.counts, "item_rate.delta": self.baseline.delta}
+    def state_tensors(self) -> tuple[Tensors, Tensors]:
+        return {"item_rate.counts": self.baseline.counts}, {"item_rate.delta": self.baseline.delta}
 
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.baseline.counts.copy_(tensors["item_rate.counts"])
-        self.baseline.delta.copy_(tensors["item_rate.delta"])
+    def load_state_tensors(self, shared: Tensors, own: Tensors) -> None:
+        self.baseline.counts.copy_(shared["item_rate.counts"])
+        self.baseline.delta.copy_(own["item_rate.delta"])
+
+    def reshard(
+        self, shared: Tensors, owns: list[Tensors], world_size: int
+    ) -> list[tuple[Tensors, Tensors]]:
+        counts, zero = _resharded_counts(shared["item_rate.counts"], owns, "item_rate.delta")
+        return [({"item_rate.counts": counts}, {"item_rate.delta": zero})] * world_size
 
     def describe(self, row: dict, prefix: str = "") -> str:
         return describe_ranking(row, prefix)
@@ -206,8 +250,22 @@ def describe_ranking(row: dict, prefix: str = "") -> str:
     return "  ".join(parts)
 
 
-def _part(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+def _part(tensors: Tensors, prefix: str) -> dict:
     return {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+def _flat(prefix: str, state: dict) -> Tensors:
+    return {f"{prefix}.{k}": torch.as_tensor(v) for k, v in state.items()}
+
+
+def _resharded_counts(
+    counts: torch.Tensor, owns: list[Tensors], delta_key: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(synced counts + every old rank's delta, a zero delta): what the next sync would give."""
+    total = counts.clone()
+    for own in owns:
+        total += own[delta_key]
+    return total, torch.zeros_like(total)
 
 
 TASKS = {"retrieval": RetrievalTask, "ranking": RankingTask}

@@ -365,3 +365,36 @@ def test_ray_reader_is_a_config_error_naming_the_fix():
     ):
         load_config(None, ["data.reader=ray"])
     assert load_config("tecd").data.reader == "local"
+
+
+def _stream_on_rank(rank: int, world: int, d: str, shuffle: int) -> dict:
+    """One gloo rank: stream its share, then agree with the others on the batch count."""
+    import torch.distributed as dist
+
+    stream = open_stream(cfg(shuffle_buffer=shuffle), d, rank, world, B, MAX_LEN)
+    batches = list(stream)
+    counts = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([len(batches)]))
+    return {
+        "targets": targets(batches),
+        "decoded": stream.stats["decoded_rows"],
+        "rows": stream.stats["rows"],
+        "batch_counts": [int(c) for c in counts],
+    }
+
+
+@pytest.mark.parametrize("world,shuffle", [(2, 0), (4, 8)])
+def test_each_row_decoded_once_across_gloo_ranks(tmp_path, world, shuffle):
+    """Real ranks in their own processes: together they decode every row exactly once,
+    every target comes out once, and all ranks yield the same number of batches."""
+    from tests.dist_utils import run_on_ranks
+
+    d = str(tmp_path)
+    rows = make_rows()
+    write_sequence_shards(d, rows, rows_per_file=8, row_group_rows=2)  # 2 divides B = 4
+    out = run_on_ranks(_stream_on_rank, world_size=world, args=(d, shuffle))
+    assert sum(r["decoded"] for r in out) == rows.num_rows  # amplification exactly 1
+    assert all(r["decoded"] == r["rows"] for r in out)  # a rank decodes only its own rows
+    got = [t for r in out for t in r["targets"]]
+    assert sorted(got) == sorted(all_targets(rows)) and len(got) == len(set(got))
+    assert all(len(set(r["batch_counts"])) == 1 for r in out)

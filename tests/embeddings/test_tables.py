@@ -268,3 +268,93 @@ def test_direct_table_rows_are_the_raw_ids(replicated):
                 tables=[TableConfig(name="item", features=["item_id"], kind="direct", num_hashes=2)]
             )
         )
+
+
+def _vocab_cfg(prepared_dir, num_embeddings: int):
+    from genrec.config import Config
+
+    cfg = Config()
+    cfg.data.prepared_dir = str(prepared_dir)
+    cfg.embeddings = EmbeddingsConfig(
+        tables=[
+            TableConfig(
+                name="item",
+                num_embeddings=num_embeddings,
+                dim=8,
+                features=["item_id"],
+                kind="vocab",
+            ),  # fmt: skip
+            TableConfig(name="user", num_embeddings=31, dim=8, features=["user_id"]),
+        ]
+    )
+    return cfg
+
+
+@pytest.mark.parametrize("replicated", [False, True])
+def test_vocab_table_maps_ids_through_the_prepared_vocabulary(tmp_path, replicated):
+    """kind=vocab: seen ids read their own vocabulary row, rare and unseen ids the hashed
+    overflow rows of the numpy mapping, in the EC and the replicated path; num_embeddings
+    must equal the file's rows, and a missing file fails naming it and the fix."""
+    import numpy as np
+
+    from genrec.data_pipeline.vocabulary import Vocabulary
+
+    vocab = Vocabulary.from_counts(
+        np.array([7, 10**12, 3, 42, 5]), np.array([9, 4, 4, 1, 2]), min_count=2,
+        overflow_rows=3,
+    )  # fmt: skip
+    vocab.write(tmp_path)
+    cfg = _vocab_cfg(tmp_path, vocab.num_rows)
+    if replicated:
+        cfg.sharding.overrides = {"item": "data_parallel"}
+    m = SparseEmbeddings.from_config(cfg)
+    assert ("item" in m.replicated) == replicated
+    ids = torch.tensor([7, 3, 10**12, 5, 42, 123456789, -4, 7])  # seen, rare (42), unseen
+    kjt = KeyedJaggedTensor(
+        keys=["item_id", "user_id"],
+        values=torch.cat([ids, torch.tensor([10**15, 4])]),
+        lengths=torch.tensor([5, 3, 1, 1]),
+    )
+    rows = m.hash_features(kjt)["item_id"].values()
+    assert rows[:4].tolist() == [0, 1, 2, 3]  # by count, ties by smaller id
+    assert rows.tolist() == vocab.rows(ids.numpy()).tolist()
+    assert (rows[4:7] >= 4).all() and (rows < vocab.num_rows).all()
+    out = m(kjt)["item_id"].values()
+    w = m.table_weight("item")
+    assert w.shape[0] == vocab.num_rows
+    assert torch.equal(out, w.detach()[rows])
+    # weights trained under another vocabulary of the same size: refused at the first lookup
+    sd = m.state_dict()
+    assert torch.equal(sd["vocab_digest_item_id"], torch.from_numpy(vocab.digest()))
+    other = Vocabulary.from_counts(np.array([8, 3, 2, 5]), np.array([9, 4, 4, 2]), 1, 3)
+    assert other.num_rows == vocab.num_rows
+    sd["vocab_digest_item_id"] = torch.from_numpy(other.digest())
+    fresh = SparseEmbeddings.from_config(cfg)
+    fresh.load_state_dict(sd)
+    with pytest.raises(
+        ValueError,
+        match=r"item_id.parquet: this vocabulary of 'item_id' is not "
+        r"the one the checkpoint's rows were trained under",
+    ):
+        fresh(kjt)
+    cfg.embeddings.tables[0].num_embeddings = 100
+    with pytest.raises(
+        ValueError,
+        match=r"item_id.parquet: the vocabulary has 7 rows \(4 ids \+ 3 overflow\) but table "
+        r"'item' \(kind: vocab\) has num_embeddings 100: set num_embeddings: 7",
+    ):
+        SparseEmbeddings.from_config(cfg)
+    cfg.data.prepared_dir = str(tmp_path / "elsewhere")
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"elsewhere/vocab/item_id.parquet is missing: "
+        r"table 'item' is kind: vocab; build the file with `genrec prepare",
+    ):
+        SparseEmbeddings.from_config(cfg)
+    with pytest.raises(ValueError, match="kind: vocab but no vocabulary of feature 'item_id'"):
+        SparseEmbeddings(cfg.embeddings)
+    cfg.data.prepared_dir = str(tmp_path)
+    cfg.embeddings.tables[0].num_embeddings = vocab.num_rows
+    cfg.embeddings.tables[0].features = ["item_id", "brand_id"]
+    with pytest.raises(ValueError, match="a kind: vocab table embeds exactly one feature"):
+        SparseEmbeddings.from_config(cfg)

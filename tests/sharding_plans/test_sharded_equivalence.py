@@ -12,21 +12,26 @@ computes on the unsharded copy from both ranks' batches (< 1e-5):
   (SGD, not the trainer's AdamW, because Adam's first step is ~lr * sign(grad) and could
   not tell an averaged gradient from a summed one) gives identical replicas on both ranks.
 
-Tables: a 2-hash unified table, a 1-hash table and a direct one (raw id = row). Cases:
+Tables: a 2-hash unified table, a 1-hash table, a direct one (raw id = row) and a vocab one
+(rows from a vocabulary file; ids in and out of it). Cases:
 every named strategy for all tables, plus row_wise with a data_parallel override
 (both paths in one module). The count-min sketch's all_reduce_ is checked in the same spawn.
 """
 
 from __future__ import annotations
 
+import tempfile
+
+import numpy as np
 import torch
 
 from tests.dist_utils import run_on_ranks
 
 DIM = 16
 LR = 0.1
-TABLES = ["item", "user", "cat"]
+TABLES = ["item", "user", "cat", "shop"]
 CATEGORIES = 24  # rows of the direct table "cat": raw category ids are its rows
+SHOPS = np.arange(100, 130)  # raw shop ids; the vocab table "shop" keeps those counted >= 3
 CASES: dict[str, tuple[str, dict[str, str]]] = {  # label -> (strategy, overrides)
     "table_wise": ("table_wise", {}),
     "row_wise": ("row_wise", {}),
@@ -56,6 +61,16 @@ def _cfg(strategy: str, overrides: dict[str, str]):
             ),
         ]
     )
+    from genrec.data_pipeline.vocabulary import Vocabulary
+
+    shops = Vocabulary.from_counts(SHOPS, SHOPS % 7, 3, 5, feature="shop")
+    cfg.data.prepared_dir = tempfile.mkdtemp()
+    shops.write(cfg.data.prepared_dir)
+    cfg.embeddings.tables.append(
+        TableConfig(
+            name="shop", num_embeddings=shops.num_rows, dim=DIM, features=["shop"], kind="vocab"
+        )
+    )
     cfg.sharding.strategy = strategy
     cfg.sharding.overrides = dict(overrides)
     cfg.sharding.topology.world_size = 2
@@ -74,10 +89,12 @@ def _kjt(rank: int):
     values = torch.randint(-(10**12), 10**12, (int(lengths.sum()),), generator=g)
     cat_lengths = torch.randint(1, 5, (3,), generator=g)
     cat_ids = torch.randint(0, CATEGORIES, (int(cat_lengths.sum()),), generator=g)
+    shop_lengths = torch.randint(1, 6, (3,), generator=g)  # ids seen, rare and never seen
+    shop_ids = torch.randint(95, 135, (int(shop_lengths.sum()),), generator=g)
     return KeyedJaggedTensor(
-        keys=keys + ["category"],
-        values=torch.cat([values, cat_ids]),
-        lengths=torch.cat([lengths, cat_lengths]),
+        keys=keys + ["category", "shop"],
+        values=torch.cat([values, cat_ids, shop_ids]),
+        lengths=torch.cat([lengths, cat_lengths, shop_lengths]),
     )
 
 
@@ -125,14 +142,15 @@ def _check_case(rank: int, world: int, strategy: str, overrides: dict[str, str])
         DistributedModelParallel,
     )
 
-    from genrec.embeddings.tables import SparseEmbeddings
+    from genrec.embeddings.tables import SparseEmbeddings, load_vocabularies
     from genrec.sharding_plans.planner import build_plan, sharders
     from genrec.sharding_plans.strategies import replicated_tables
 
     cfg = _cfg(strategy, overrides)
     replicated = replicated_tables(cfg)
     torch.manual_seed(0)
-    ref = SparseEmbeddings(cfg.embeddings)  # unsharded: every table in one plain EC
+    vocabs = load_vocabularies(cfg.embeddings, cfg.data.prepared_dir)
+    ref = SparseEmbeddings(cfg.embeddings, vocabularies=vocabs)  # unsharded: one plain EC
     full = {name: ref.table_weight(name).detach().clone() for name in TABLES}
     meta = torch.device("meta")
     plan = build_plan(cfg, _WithLoss(SparseEmbeddings.from_config(cfg, meta)), world, "cpu")
@@ -147,6 +165,8 @@ def _check_case(rank: int, world: int, strategy: str, overrides: dict[str, str])
     )
     with torch.no_grad():
         for key, t in dmp.state_dict().items():
+            if not key.endswith(".weight"):
+                continue  # the vocab table's vocabulary digest (a buffer)
             w = full[key.split(".")[-2]]  # ec.embeddings.NAME.weight / replicated.NAME.weight
             if isinstance(t, ShardedTensor):
                 for shard in t.local_shards():
@@ -182,6 +202,8 @@ def _check_case(rank: int, world: int, strategy: str, overrides: dict[str, str])
             expected[name] = _rowwise_adagrad(w, g, blocks)
     max_step, touched, replicas = 0.0, 0, {}
     for key, t in dmp.state_dict().items():
+        if not key.endswith(".weight"):
+            continue
         name = key.split(".")[-2]
         shards = (
             [(s.metadata.shard_offsets, s.metadata.shard_sizes, s.tensor) for s in t.local_shards()]
@@ -236,7 +258,7 @@ def test_sharded_equals_unsharded_all_strategies():
             assert r["forward"] < 1e-6, (rank, case, r)
             assert r["step"] < 1e-5, (rank, case, r)
     # data_parallel tables are replicated modules, trained by the dense optimizer
-    assert per_rank[0]["data_parallel"]["replicated"] == ["item", "user", "cat"]
+    assert per_rank[0]["data_parallel"]["replicated"] == ["item", "user", "cat", "shop"]
     assert per_rank[0]["row_wise+user_dp"]["replicated"] == ["user"]
     assert per_rank[0]["row_wise"]["dense_params"] == []
     assert per_rank[0]["row_wise+user_dp"]["dense_params"] == ["sparse.replicated.user.weight"]

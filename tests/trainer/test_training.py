@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from genrec.trainer import checkpoint as ckpt
@@ -44,13 +45,15 @@ def _cfg(base: Path, run: str, *extra: str):
         "embeddings.tables=[{name: item, num_embeddings: 4096, dim: 32, features: [item_id]}]",
         # the resume point (STEPS // 2) falls inside the warm-up: the schedule must resume too
         f"trainer.warmup_steps={STEPS}",
+        # linear sketches: a 2-rank run resharded to 1 rank counts exactly like 2 ranks
+        "embeddings.frequency.conservative=false",
         *extra,
     )
 
 
 @pytest.fixture(scope="module")
 def runs(prepared):
-    full = _cfg(prepared, "full", f"trainer.max_steps={STEPS}")
+    full = _cfg(prepared, "full", f"trainer.max_steps={STEPS}", "trainer.keep_last=100")
     train(full, resume=False)
     half = _cfg(prepared, "half", f"trainer.max_steps={STEPS // 2}")
     train(half, resume=False)
@@ -122,6 +125,117 @@ def test_checkpoint_reshards_2_to_1_and_1_to_2(runs):
         for k, v in expected.items():
             key = k if k in got else "_dmp_wrapped_module." + k
             torch.testing.assert_close(got[key], v, rtol=0, atol=0, msg=k)
+
+
+def test_mid_window_checkpoint_resumed_on_1_rank_counts_like_2_ranks(runs):
+    """A 2-rank run stopped inside a window, resumed on 1 rank to that window's end: its
+    popularity state (frequency sketch, baseline counts) equals the uninterrupted 2-rank run's
+    at the same window end: every rank's delta carried once, none lost or counted twice."""
+    mid = STEPS // 2 - 2  # windows here are ~4 steps long and the 12th step ends one
+    train(_cfg(runs, "mid", f"trainer.max_steps={mid}"), resume=False)
+    stop = ckpt.latest_checkpoint(runs / "mid")
+    position = ckpt.read_state(stop)["position"]
+    assert ckpt.read_state(stop)["history"][-1]["window"] < position["window"], "not mid-window"
+    owns = [ckpt.read_tensors(stop, r) for r in range(2)]
+    assert all(float(o["frequency.delta.total"]) > 0 for o in owns)  # deltas to carry
+    shutil.copytree(runs / "mid", runs / "half_to_1")
+    one = _cfg(runs, "half_to_1", "trainer.world_size=1", f"data.windows=[{position['window']}]")
+    train(one, resume=True)
+    got_path = ckpt.latest_checkpoint(runs / "half_to_1")
+    got = ckpt.read_shared_tensors(got_path)
+    assert ckpt.read_state(got_path)["history"][-1]["window"] == position["window"]
+    at_end = [
+        p
+        for p in ckpt.list_checkpoints(runs / "full")
+        if ckpt.read_state(p)["history"][-1:]
+        and ckpt.read_state(p)["history"][-1]["window"] == position["window"]
+    ]
+    want = ckpt.read_shared_tensors(at_end[0])  # the first one after the window ended
+    for key in ("frequency.synced.counters", "frequency.synced.total", "baseline.counts"):
+        assert float(want[key].sum()) > 0, key
+        assert torch.equal(got[key], want[key]), key
+
+
+def _train_nccl_emulated(rank: int, world_size: int, base: str) -> dict:
+    """Train under the NCCL emulation across a window end and a checkpoint, then resume."""
+    from genrec.embeddings.frequency import CountMinSketch
+    from genrec.trainer.distributed import all_gather_rows, context_from_initialized
+    from genrec.trainer.stream_runner import StreamTrainer
+
+    from .nccl_emulation import install
+
+    install()
+    ctx = context_from_initialized("cpu")
+    # the emulation bites: the old trainer's calls (CPU tensors on the default group) fail
+    caught = []
+    for old_call in (
+        lambda: dist.all_reduce(torch.ones(2)),
+        lambda: CountMinSketch(1, 8, conservative=False).all_reduce_(),
+    ):
+        with pytest.raises(RuntimeError, match="No backend type associated with device type cpu"):
+            old_call()
+        caught.append(True)
+    rows = all_gather_rows(torch.full((rank + 1, 2), float(rank)))
+    run = _cfg(Path(base), "nccl", "trainer.max_steps=6", "trainer.checkpoint_every=3")
+    trainer = StreamTrainer(run, ctx)
+    history = trainer.run(resume=False, progress=False)
+    again = StreamTrainer(_cfg(Path(base), "nccl", "trainer.max_steps=7"), ctx)
+    again.run(resume=True, progress=False)  # restore + one more step, still under NCCL rules
+    return {"caught": caught, "rows": rows.tolist(), "history": history, "step": again.step}
+
+
+def test_trainer_collectives_are_nccl_safe(prepared):
+    """2 gloo ranks whose default group refuses CPU tensors from genrec, as NCCL does: a run
+    through a window end (metrics, replica check, frequency and baseline sync), checkpoints
+    and a resume completes, its host state going over the gloo host group."""
+    out = run_on_ranks(_train_nccl_emulated, world_size=2, args=(str(prepared),))
+    assert all(o["caught"] == [True, True] for o in out)
+    assert out[0]["rows"] == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
+    assert out[0]["history"] and out[0]["history"][0]["positions"] > 0
+    assert [o["step"] for o in out] == [7, 7]
+
+
+def _sharded_and_full_top_k(rank: int, world_size: int, base: str) -> dict:
+    """This rank's 16 sequences scored over the catalog: model.top_k (every rank the whole
+    catalog) and sharded_top_k (each rank 1/W of it, merged)."""
+    import pyarrow.dataset as pads
+
+    from genrec.data_pipeline.batch import sequences_from_rows
+    from genrec.trainer.distributed import context_from_initialized
+    from genrec.trainer.sharded_eval import sharded_top_k
+    from genrec.trainer.stream_runner import StreamTrainer
+
+    cfg = _cfg(Path(base), "sharded_eval")
+    trainer = StreamTrainer(cfg, context_from_initialized("cpu"))
+    first_window = sorted((Path(base) / "prepared").glob("window=*"))[0]
+    rows = pads.dataset(str(first_window), format="parquet").head(32).slice(16 * rank, 16)
+    batch = sequences_from_rows(rows, cfg.model.max_len)
+    trainer.model.eval()
+    module = trainer.model.module
+    catalog = trainer.catalog[:-1]  # an odd size: the last slice is padded
+    full = module.top_k(batch, catalog, 10, exclude_history=True, block=100)
+    got = sharded_top_k(module, batch, catalog, 10, exclude_history=True, block=100)
+    trainer.logger.close()
+    return {"full": [t.tolist() for t in full], "sharded": [t.tolist() for t in got]}
+
+
+def test_sharded_top_k_equals_full_catalog_top_k(prepared):
+    """2 ranks, each scoring half the catalog (blocks of 100, history excluded): every
+    rank's top-10 scores and targets equal the whole-catalog top-10 of its positions, and
+    the ids too, but for items whose scores tie (hashed ids sharing a row score alike, and
+    the matmuls differ in shape, so the last bits may too: tied items may swap places)."""
+    out = run_on_ranks(_sharded_and_full_top_k, world_size=2, args=(str(prepared),))
+    tol = 1e-5
+    for o in out:
+        (f_ids, f_s, f_t), (s_ids, s_s, s_t) = o["full"], o["sharded"]
+        assert len(f_ids) > 10 and len(f_ids[0]) == 10 and s_t == f_t
+        torch.testing.assert_close(torch.tensor(s_s), torch.tensor(f_s), rtol=0, atol=tol)
+        for fi, fs, si in zip(f_ids, f_s, s_ids):
+            for j, (a, b) in enumerate(zip(fi, si)):
+                if a != b:  # b must tie with the item the full ranking put there
+                    tie = [fs[i] for i, x in enumerate(fi) if x == b] or [fs[-1]]
+                    assert abs(tie[0] - fs[j]) <= tol, (fi, si, fs)
+    assert out[0]["full"][0] != out[1]["full"][0]  # the ranks scored different positions
 
 
 def _first_step_updates(rank: int, world_size: int, base: str) -> dict:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import pyarrow as pa
 
+from genrec.data_pipeline import schemas
 from genrec.data_pipeline.sources.base import (
     NAMESPACE_SHIFT,
     ORDER_SHIFT,
@@ -45,6 +46,15 @@ def get_source(name: str):
     return SOURCES[name]
 
 
+def batch_features(name: str) -> tuple[str, ...]:
+    """The sparse features (KJT keys) every batch of source `name` carries: "item_id",
+    "action", then its integer context columns (a float context column such as watch_time
+    is carried into the shards but is not a feature). Config checks at load read this."""
+    context = get_source(name).context
+    ints = [c for c in context if pa.types.is_integer(schemas.CONTEXT_FIELDS[c])]
+    return ("item_id", "action", *ints)
+
+
 def iter_events(
     source, in_dir: str, on_bad_rows: str = "error", bad: BadRows | None = None
 ) -> Iterator[pa.RecordBatch]:
@@ -60,6 +70,7 @@ __all__ = [
     "SOURCES",
     "TECD_DOMAINS",
     "BadRows",
+    "batch_features",
     "FileKind",
     "Fragment",
     "ParquetSource",
