@@ -18,7 +18,7 @@ def test_artifact_item_table_equals_the_models_item_embeddings(tmp_path, shared_
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     state = {"step": 0, "world_size": 1, "config": to_dict(cfg), "position": None}
-    ckpt = save_checkpoint(tmp_path / "run", 0, {"model": model.state_dict()}, state, {})
+    ckpt = save_checkpoint(tmp_path / "run", 0, {"model": model.state_dict()}, state, {}).wait()
     export(str(ckpt), str(tmp_path / "artifact"), compile_aot=False)
 
     f = artifact_features(tmp_path / "artifact")
