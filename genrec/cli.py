@@ -175,6 +175,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tokenize(args: argparse.Namespace) -> int:
+    from genrec.semantic.tokenize import summary, tokenize
+
+    for line in summary(tokenize(load_config(args.config, args.overrides))):
+        print(line)
+    return 0
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     from genrec.trainer.plot import plot_run
 
@@ -356,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="", help="result JSON (default: in trainer.run_dir)")
     p.add_argument("--launcher", choices=["local", "torchrun"], default=None)
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser(
+        "tokenize", help="semantic IDs: item vectors -> codes + stats (the semantic section)"
+    )
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_tokenize)
 
     p = sub.add_parser("plot", help="write PNG curves of a run directory")
     p.add_argument("run_dir")

@@ -283,6 +283,51 @@ class DeployConfig:
 
 
 @dataclass
+class RQVAEConfig:
+    """`semantic.method: rqvae`: TIGER's RQ-VAE (genrec/semantic/tokenizers.py)."""
+
+    hidden_dim: int = 256
+    latent_dim: int = 32
+    epochs: int = 50
+    batch_size: int = 1024
+    lr: float = 1e-3
+    beta: float = 0.25  # commitment loss weight
+    # share of items trained on a random prefix of the levels (progressive masking; 0: off)
+    mask_prob: float = 0.0
+
+
+@dataclass
+class SemanticConfig:
+    """`genrec tokenize`: item vectors -> semantic-ID codes (README, Semantic IDs)."""
+
+    # item vectors: Amazon's *_item2attributes.json and/or an exported retriever artifact
+    # (its item table); both set: concatenated per item
+    attributes: str = ""
+    attribute_dim: int = 64  # random projection of the multi-hot attributes (0: raw)
+    artifact: str = ""
+    method: Literal["residual_kmeans", "rqvae"] = "residual_kmeans"
+    codebook_sizes: list[int] = field(default_factory=lambda: [256, 256, 256])
+    balanced: bool = False  # residual_kmeans: OneRec's equal-size clusters
+    kmeans_iters: int = 20  # residual_kmeans, and rqvae's codebook init
+    rqvae: RQVAEConfig = field(default_factory=RQVAEConfig)
+    seed: int = 0
+    out_dir: str = ""  # codes.parquet + stats.json; empty: data.prepared_dir/semantic
+
+    def __post_init__(self):
+        if not self.codebook_sizes or min(self.codebook_sizes) < 2:
+            raise ConfigError(
+                f"semantic.codebook_sizes: expected one size >= 2 per level, got "
+                f"{self.codebook_sizes}"
+            )
+        if self.balanced and self.method != "residual_kmeans":
+            raise ConfigError("semantic.balanced applies to method residual_kmeans only")
+        if not 0.0 <= self.rqvae.mask_prob <= 1.0:
+            raise ConfigError(
+                f"semantic.rqvae.mask_prob: expected [0, 1], got {self.rqvae.mask_prob}"
+            )
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
@@ -290,6 +335,7 @@ class Config:
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
+    semantic: SemanticConfig = field(default_factory=SemanticConfig)
 
     def table(self, name: str) -> TableConfig:
         for t in self.embeddings.tables:
