@@ -59,6 +59,8 @@ class _Recorder:
         self.copies = 0  # Tensor.cpu / tolist / numpy calls
         self.sharded_depth = 0
         self.sharded_rf: list = []
+        self.module_depth = 0  # any nn.Module: the outermost call is labelled bench.model
+        self.module_rf: list = []
 
     def on_input(self) -> None:
         self.inputs += 1
@@ -125,6 +127,12 @@ class _Recorder:
             t = e.time_range.start
             stage = next((s for s in STAGES if any(r.start <= t < r.end for r in stages[s])), None)
             reads_by_stage[stage or "other"] += 1
+        # inside a module's forward (the model: jagged ops, length grouping, TorchRec's
+        # KJT splits) vs the trainer's own code around it
+        models = [e.time_range for e in by_name.get("bench.model", []) if inside(e)]
+        in_model = sum(
+            1 for e in reads if any(r.start <= e.time_range.start < r.end for r in models)
+        )
         out = {
             "rank": rank,
             "steps": steps,
@@ -135,6 +143,7 @@ class _Recorder:
             "lookup_bwd_ms": lookup_bwd / steps / 1e3,
             "scalar_reads_per_step": len(reads) / steps,
             "scalar_reads_by_stage": {k: v / steps for k, v in reads_by_stage.items()},
+            "scalar_reads_in_model": in_model / steps,
             "host_copies_per_step": (self.copies_at_start[-1] - self.copies_at_start[0]) / steps,
             "backward_nodes_ms": {
                 k: round(v / steps / 1e3, 3)
@@ -200,6 +209,11 @@ def install() -> None:
     StreamTrainer.run = run_wrapper
 
     def pre(module, inputs):
+        if rec.module_depth == 0:
+            rf = record_function("bench.model")
+            rf.__enter__()
+            rec.module_rf.append(rf)
+        rec.module_depth += 1
         if type(module).__name__.startswith("Sharded"):
             if rec.sharded_depth == 0:
                 rf = record_function("bench.lookup_fwd")
@@ -212,6 +226,9 @@ def install() -> None:
             rec.sharded_depth -= 1
             if rec.sharded_depth == 0:
                 rec.sharded_rf.pop().__exit__(None, None, None)
+        rec.module_depth -= 1
+        if rec.module_depth == 0:
+            rec.module_rf.pop().__exit__(None, None, None)
 
     torch.nn.modules.module.register_module_forward_pre_hook(pre)
     torch.nn.modules.module.register_module_forward_hook(post)
@@ -238,6 +255,7 @@ def merge(out_dir: Path, world: int) -> dict:
         "max_rank_median_step_ms": round(max(r["median_step_ms"] for r in ranks), 1),
         "scalar_reads_per_step": round(r0["scalar_reads_per_step"], 2),
         "scalar_reads_by_stage": {k: round(v, 2) for k, v in r0["scalar_reads_by_stage"].items()},
+        "scalar_reads_in_model_forward": round(r0.get("scalar_reads_in_model", -1), 2),
         "host_copies_per_step": round(r0["host_copies_per_step"], 2),
         "profiled_steps": r0["steps"],
         "backward_nodes_ms": r0["backward_nodes_ms"],
