@@ -20,8 +20,9 @@ included), dense (encoder forward + backward, loss, sampling, DDP all-reduce), o
 tensor; `host_copies_per_step`: Tensor.cpu/tolist/numpy calls). How each part is attributed
 and the limits (CPU: nothing overlaps; host-side ranges) are in step_split.py's docstring.
 The split wraps only methods that exist before and after issue 24, so the same file measures
-an older checkout: `PYTHONPATH=/path/to/old/checkout python benchmarks/bench_train.py --split`
-imports genrec (and its quickstart config) from there.
+an older checkout: `cd /tmp && PYTHONPATH=/old/checkout python /this/checkout/benchmarks/
+bench_train.py --split` imports genrec (and its quickstart config) from there (run it outside
+either repository: Ray's prepare workers put their working directory on sys.path).
 """
 
 from __future__ import annotations
