@@ -10,11 +10,25 @@ next batch (`input_stall`); this reports their medians from run_dir/metrics.csv,
 time of each run including process start-up. With --ray the 2-rank config also runs under
 `--launcher ray` (Ray Train), for the start-up and per-step cost of Ray Train.
 Prints one JSON line; everything is written to a temporary directory that is removed.
+
+--split (local launcher only) adds, per run, the step split measured inside every rank by
+benchmarks/step_split.py after --warmup steps: median step time (ms) and its mean per step
+in input, eval, lookup (sharded embedding forward + backward, fused sparse optimizer
+included), dense (encoder forward + backward, loss, sampling, DDP all-reduce), optimizer
+(dense step + zero_grad) and other (logging, window ends, checkpoints); host syncs per step
+(`scalar_reads_per_step`: aten::_local_scalar_dense events, i.e. item/float/int/bool of a
+tensor; `host_copies_per_step`: Tensor.cpu/tolist/numpy calls). How each part is attributed
+and the limits (CPU: nothing overlaps; host-side ranges) are in step_split.py's docstring.
+The split wraps only methods that exist before and after issue 24, so the same file measures
+an older checkout: `cd /tmp && PYTHONPATH=/old/checkout python /this/checkout/benchmarks/
+bench_train.py --split` imports genrec (and its quickstart config) from there (run it outside
+either repository: Ray's prepare workers put their working directory on sys.path).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -25,10 +39,28 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if importlib.util.find_spec("genrec") is None:  # genrec from PYTHONPATH (an older checkout) first
+    sys.path.insert(0, str(ROOT))
 
+import step_split  # noqa: E402  (benchmarks/ is sys.path[0] here and in spawned workers)
+
+import genrec  # noqa: E402
 from genrec.config import load_config  # noqa: E402
 from genrec.trainer.metrics_log import read_metrics  # noqa: E402
+
+if __name__ == "__mp_main__":  # a spawned training worker: this module runs there as well
+    step_split.install()
+
+GENREC = Path(genrec.__file__).resolve().parent
+# the quickstart config of the genrec imported (it moved from configs/ to genrec/configs/)
+CONFIG = (
+    next(
+        p
+        for p in (GENREC / "configs", GENREC.parent / "configs")
+        if (p / "quickstart.yaml").is_file()
+    )
+    / "quickstart.yaml"
+)
 
 FIGURES = ("samples_per_s", "tokens_per_s", "input_stall")
 
@@ -83,8 +115,18 @@ def run(work: Path, args: argparse.Namespace, ranks: int, launcher: str) -> dict
         ],
     )
     log(f"[{launcher} x{ranks}] {args.max_steps} steps of {args.batch_size} sequences per rank")
+    split_dir = work / f"split-{launcher}-{ranks}"
+    split = args.split and launcher == "local"
+    if split:
+        split_dir.mkdir()
+        os.environ[step_split.ENV] = str(split_dir)
+        os.environ[step_split.WARMUP_ENV] = str(args.warmup)
+    load = os.getloadavg()[0]
     t0 = time.perf_counter()
-    train(cfg, resume=launcher == "ray")  # a fresh run_dir either way
+    try:
+        train(cfg, resume=launcher == "ray")  # a fresh run_dir either way
+    finally:
+        os.environ.pop(step_split.ENV, None)
     wall = time.perf_counter() - t0
     rows = [r for r in read_metrics(run_dir) if r["kind"] == "step"]
     steps = max(r["step"] for r in rows)
@@ -96,13 +138,16 @@ def run(work: Path, args: argparse.Namespace, ranks: int, launcher: str) -> dict
     out["train_s"] = round(
         max(r["wall_time"] for r in rows) - min(r["wall_time"] for r in rows), 1
     )  # first to last logged step: the steady part, without start-up
+    if split:
+        out["split"] = step_split.merge(split_dir, ranks)
+        out["load_avg_1m"] = [round(load, 2), round(os.getloadavg()[0], 2)]  # before, after
     log(json.dumps(out))
     return out
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=str(ROOT / "genrec" / "configs" / "quickstart.yaml"))
+    p.add_argument("--config", default=str(CONFIG))
     p.add_argument("--ranks", default="1,2", help="comma-separated rank counts")
     p.add_argument("--max-steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=64, help="sequences per rank per step")
@@ -113,6 +158,8 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ray", action="store_true", help="also time the 2-rank run under Ray Train")
     p.add_argument("--override", action="append", default=[], help="extra a.b.c=value")
+    p.add_argument("--split", action="store_true", help="step split and host syncs per rank")
+    p.add_argument("--warmup", type=int, default=5, help="steps before --split measures")
     args = p.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="genrec-bench-train-"))
@@ -135,6 +182,7 @@ def main() -> int:
                 "data": data,
                 "batch_size_per_rank": args.batch_size,
                 "max_len": args.max_len,
+                "genrec": str(GENREC.parent),
                 "runs": results,
             }
         )
