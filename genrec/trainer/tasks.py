@@ -149,8 +149,7 @@ class RetrievalTask:
             {"synced": _part(shared, "frequency.synced"), "delta": _part(own, "frequency.delta")}
         )
         self.popular.load_state_dict(_part(own, "popular"))
-        self.baseline.counts.copy_(shared["baseline.counts"])
-        self.baseline.delta.copy_(own["baseline.delta"])
+        self.baseline.load(shared["baseline.counts"], own["baseline.delta"])
 
     def reshard(
         self, shared: Tensors, owns: list[Tensors], world_size: int
@@ -222,8 +221,7 @@ class RankingTask:
         return {"item_rate.counts": self.baseline.counts}, {"item_rate.delta": self.baseline.delta}
 
     def load_state_tensors(self, shared: Tensors, own: Tensors) -> None:
-        self.baseline.counts.copy_(shared["item_rate.counts"])
-        self.baseline.delta.copy_(own["item_rate.delta"])
+        self.baseline.load(shared["item_rate.counts"], own["item_rate.delta"])
 
     def reshard(
         self, shared: Tensors, owns: list[Tensors], world_size: int

@@ -74,6 +74,11 @@ def test_item_rate_baseline_and_ranking_metrics_hand_computed():
         dtype=torch.float64,
     )
     torch.testing.assert_close(rates, want)
+    base.sync()  # single process: the delta folds into the counts, rates unchanged
+    torch.testing.assert_close(base.rates(torch.tensor([10, 11, 12])), want)
+    restored = ItemRateBaseline(torch.tensor([10, 11, 12]), num_tasks=2)
+    restored.load(base.counts, base.delta)  # as a checkpoint restores it
+    torch.testing.assert_close(restored.rates(torch.tensor([10, 11, 12])), want)
     m = RankingMetrics(["click", "cart"], [False, False], "model/", "positions")
     logits = torch.tensor([[2.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [0.5, 0.0]])
     labels = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [1.0, 0.0]])
