@@ -214,22 +214,12 @@ class HSTURetrieval(nn.Module):
         states, targets, rows = self.user_states(batch)
         tgt, _ = target_events(batch)
         k = min(k, int(catalog_ids.numel()))
-        P = states.shape[0]
-        best_s = states.new_full((P, 0), float("-inf"))
-        best_i = torch.zeros(P, 0, dtype=torch.int64, device=states.device)
         seen_p, seen_col = (
             history_columns(batch, tgt, rows, catalog_ids) if exclude_history else (None, None)
         )
-        for s in range(0, int(catalog_ids.numel()), block):
-            ids = catalog_ids[s : s + block]
-            scores = states @ self.item_embeddings(ids).T
-            if seen_p is not None:
-                m = (seen_col >= s) & (seen_col < s + ids.numel())
-                scores[seen_p[m], seen_col[m] - s] = float("-inf")
-            cand_s = torch.cat([best_s, scores], dim=1)
-            cand_i = torch.cat([best_i, ids[None, :].expand(P, -1)], dim=1)
-            best_s, top = torch.topk(cand_s, min(k, cand_s.shape[1]), dim=1)
-            best_i = torch.gather(cand_i, 1, top)
+        best_i, best_s = blocked_top_k(
+            states, catalog_ids, self.item_embeddings, k, block, seen_p, seen_col
+        )
         return best_i, best_s, targets
 
     def encode_last(
@@ -280,3 +270,39 @@ def history_columns(
     pos = torch.searchsorted(sorted_ids, ids).clamp_max(max(sorted_ids.numel() - 1, 0))
     found = sorted_ids[pos] == ids
     return p[found], order[pos[found]]
+
+
+def blocked_top_k(
+    states: torch.Tensor,
+    ids: torch.Tensor,
+    item_vectors,
+    k: int,
+    block: int,
+    seen_p: torch.Tensor | None = None,
+    seen_col: torch.Tensor | None = None,
+    first_col: int = 0,
+    valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best k of `ids` ([n] raw ids, scored in blocks of `block` by `item_vectors(ids)` ->
+    [b, D]) for each state ([P, D]): (ids [P, k], scores [P, k]).
+
+    `seen_p`, `seen_col`: (position, catalog column) pairs scored -inf (history excluded);
+    `ids` are catalog columns first_col.. (a slice of the catalog). `valid` [n] bool: False
+    columns (padding of a slice) score -inf."""
+    P = states.shape[0]
+    best_s = states.new_full((P, 0), float("-inf"))
+    best_i = torch.zeros(P, 0, dtype=torch.int64, device=states.device)
+    for s in range(0, int(ids.numel()), block):
+        part = ids[s : s + block].to(states.device)
+        scores = states @ item_vectors(part).T
+        if valid is not None:
+            scores[:, ~valid[s : s + block].to(scores.device)] = float("-inf")
+        if seen_p is not None:
+            lo = first_col + s
+            m = (seen_col >= lo) & (seen_col < lo + part.numel())
+            scores[seen_p[m], seen_col[m] - lo] = float("-inf")
+        cand_s = torch.cat([best_s, scores], dim=1)
+        cand_i = torch.cat([best_i, part[None, :].expand(P, -1)], dim=1)
+        best_s, top = torch.topk(cand_s, min(k, cand_s.shape[1]), dim=1)
+        best_i = torch.gather(cand_i, 1, top)
+    return best_i, best_s

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from genrec.data_pipeline.batch import Batch
-from genrec.models.retrieval import history_columns, target_events
+from genrec.models.retrieval import blocked_top_k, history_columns, target_events
 from genrec.trainer.distributed import all_gather_rows, all_gather_same, world
 
 
@@ -55,20 +55,17 @@ def sharded_top_k(
     cols = torch.arange(lo, lo + m, device=catalog_ids.device)
     real = cols < n
     ids = catalog_ids[cols.clamp_max(n - 1)]
-    P = all_states.shape[0]
-    best_s = all_states.new_full((P, k), float("-inf"))
-    best_i = torch.full((P, k), -1, dtype=torch.int64, device=all_states.device)
-    for s in range(0, m, block):
-        part = ids[s : s + block].to(all_states.device)
-        scores = all_states @ module.item_embeddings(part).T
-        scores[:, ~real[s : s + block].to(scores.device)] = float("-inf")
-        if exclude_history:
-            hit = (seen_col >= lo + s) & (seen_col < lo + s + part.numel())
-            scores[seen_p[hit], seen_col[hit] - lo - s] = float("-inf")
-        cand_s = torch.cat([best_s, scores], dim=1)
-        cand_i = torch.cat([best_i, part[None, :].expand(P, -1)], dim=1)
-        best_s, top = torch.topk(cand_s, k, dim=1)
-        best_i = torch.gather(cand_i, 1, top)
+    best_i, best_s = blocked_top_k(
+        all_states,
+        ids,
+        module.item_embeddings,
+        k,
+        block,
+        seen_p if exclude_history else None,
+        seen_col if exclude_history else None,
+        first_col=lo,
+        valid=real,
+    )
     # merge: every rank's top-k of every position, best k of the W * k
     merged_s = torch.cat(all_gather_same(best_s), dim=1)
     merged_i = torch.cat(all_gather_same(best_i), dim=1)
