@@ -49,6 +49,34 @@ def test_popularity_baseline_excludes_history_and_ranks_by_past_counts():
     assert base.delta.sum() == 0
 
 
+def test_popularity_leaders_kept_between_evals_equal_a_full_sort():
+    """The merged leaders equal a full stable sort of the counts after every update, ties
+    included (small ids, many repeats), across a sync, a load and a pending overflow."""
+    g = torch.Generator().manual_seed(0)
+    catalog = torch.arange(100, 400, 3)  # 100 items
+    base = PopularityBaseline(catalog)
+
+    def full(m):
+        counts = (base.counts + base.delta)[:, 0]
+        return torch.sort(counts, descending=True, stable=True).indices[:m]
+
+    for step in range(60):
+        ids = catalog[
+            torch.randint(0, 40, (int(torch.randint(1, 30, (1,), generator=g)),), generator=g)
+        ]
+        base.update(torch.cat([ids, torch.tensor([7, 10_000])]))  # two ids outside
+        m = 5 + step % 12
+        assert base.leaders(m).tolist() == full(m).tolist(), step
+        if step == 20:
+            base.sync()
+        if step == 40:
+            base.load(base.counts.clone(), base.delta.clone())
+    base.leaders(8)
+    base.update(catalog.repeat(3))  # 300 updated rows: over the cap, a full pass next
+    assert base._leaders is None
+    assert base.leaders(8).tolist() == full(8).tolist()
+
+
 def test_window_metrics_means():
     m = WindowMetrics(TopKMetrics((2, 3), "model/", "positions"))
     topk = torch.tensor([[5, 7, 9], [1, 2, 3], [4, 8, 6], [1, 1, 1]])
