@@ -11,7 +11,11 @@ Ranking tasks, on logits and {0, 1} labels:
   NE           normalized entropy: mean log loss of sigmoid(logit) / entropy of the base
                rate (< 1 beats always predicting the base rate);
   calibration  mean predicted probability / observed positive rate (1 is calibrated).
-These are exact (a sort per call); `trainer.tasks` gathers a window's scores to compute them.
+`auc`, `normalized_entropy` and `calibration` are exact (a sort per call). At scale a
+window's scores are not gathered: `trainer.progressive.RankingMetrics` keeps additive sums
+(NE, calibration) and a logit histogram per class, all-reduced once, and `binned_auc` reads
+the AUC off the histogram: pairs in one bin count one half, so the error is at most half the
+fraction of positive-negative pairs that share a bin (bins 32/16384 = 0.002 logits wide).
 NE is torchrec.metrics' formula on the sums; AUC is not torchrec's `compute_auc`, which
 ranks tied scores as if positives came first (scores [0.5, 0.5, 0.2], labels [1, 0, 0]:
 1.0 instead of 0.75; all scores equal: 1.0 instead of 0.5) and gives 0.5 for a window with
@@ -57,19 +61,49 @@ def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return u / (n_pos * n_neg)
 
 
+AUC_BINS = 1 << 14  # logit-uniform histogram bins over [-AUC_RANGE, AUC_RANGE]
+AUC_RANGE = 16.0
+
+
+def score_bins(scores: torch.Tensor) -> torch.Tensor:
+    """Histogram bin of each logit (clamped into [-AUC_RANGE, AUC_RANGE])."""
+    s = scores.detach().to(torch.float64).clamp(-AUC_RANGE, AUC_RANGE)
+    b = ((s + AUC_RANGE) * (AUC_BINS / (2 * AUC_RANGE))).to(torch.int64)
+    return b.clamp_max(AUC_BINS - 1)
+
+
+def binned_auc(neg_hist: torch.Tensor, pos_hist: torch.Tensor) -> float:
+    """AUC from per-bin negative and positive counts (bins in score order); pairs in one
+    bin count one half, as tied scores do in `auc` (nan if a class is empty)."""
+    neg, pos = neg_hist.to(torch.float64), pos_hist.to(torch.float64)
+    n_pos, n_neg = float(pos.sum()), float(neg.sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    below = torch.cumsum(neg, 0) - neg
+    return float((pos * (below + 0.5 * neg)).sum()) / (n_pos * n_neg)
+
+
+def cross_entropy_bits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed BCE of sigmoid(logits) in bits (torchrec's NE numerator), float64."""
+    x = logits.detach().to(torch.float64).flatten()
+    y = labels.detach().to(torch.float64).flatten()
+    ce = torch.nn.functional.binary_cross_entropy_with_logits(x, y, reduction="sum")
+    return ce / math.log(2)
+
+
+def ne_from_sums(ce_bits: float, n: float, pos: float) -> float:
+    """Normalized entropy from the additive sums (nan when a class is empty)."""
+    if n == 0 or pos == 0 or pos == n:
+        return math.nan
+    v = torch.tensor([ce_bits, n, pos, n - pos], dtype=torch.float64)
+    return float(compute_ne(v[0], v[1], v[2], v[3], eta=1e-12))
+
+
 def normalized_entropy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean BCE of sigmoid(logits) divided by the entropy of the labels' base rate
     (torchrec.metrics.ne on the sums; nan when a class is empty)."""
-    x = logits.detach().to(torch.float64).flatten()
     y = labels.detach().to(torch.float64).flatten()
-    pos = float(y.sum())
-    if not y.numel() or pos == 0.0 or pos == y.numel():
-        return math.nan
-    # in bits, as torchrec's cross entropy (log2); from logits, stable at any magnitude
-    ce = torch.nn.functional.binary_cross_entropy_with_logits(x, y, reduction="sum") / math.log(2)
-    n = torch.tensor(float(y.numel()), dtype=torch.float64)
-    out = compute_ne(ce, n, torch.tensor(pos, dtype=torch.float64), n - pos, eta=1e-12)
-    return float(out)
+    return ne_from_sums(float(cross_entropy_bits(logits, y)), float(y.numel()), float(y.sum()))
 
 
 def calibration(logits: torch.Tensor, labels: torch.Tensor) -> float:

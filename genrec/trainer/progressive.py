@@ -7,10 +7,11 @@ Before a batch is trained on, the current model scores it; the sums accumulate p
                   and of the most-popular baseline on the same positions (additive sums,
                   one all-reduce of a few floats);
   RankingMetrics  ranking: per task AUC / NE / calibration of the model and of the
-                  item-positive-rate baseline (exact: the window's scores are gathered, see
-                  `distributed.all_gather_rows`; at T-ECD scale a window holds ~1e9
-                  candidates per day, where a binned AUC (a fixed histogram all-reduced)
-                  would replace the gather);
+                  item-positive-rate baseline. Exact (the window's scores gathered) while
+                  every rank holds at most `exact_rows` candidates; past that, from sums
+                  and a logit histogram all-reduced once (`models.metrics.binned_auc`): a
+                  T-ECD day is ~1e9 candidates, which no rank could gather (rows report
+                  `auc_binned` 1.0 then);
   WindowMetrics   either of them plus the mean training loss.
 
 Baselines learn only from events already trained on (counts before this batch):
@@ -28,7 +29,15 @@ import math
 import torch
 
 from genrec.data_pipeline.batch import Batch
-from genrec.models.metrics import recall_ndcg_sums, task_metrics
+from genrec.models.metrics import (
+    AUC_BINS,
+    binned_auc,
+    cross_entropy_bits,
+    ne_from_sums,
+    recall_ndcg_sums,
+    score_bins,
+    task_metrics,
+)
 from genrec.models.retrieval import target_events
 from genrec.trainer.distributed import all_gather_rows, all_reduce_
 
@@ -198,21 +207,82 @@ class TopKMetrics:
 
 class RankingMetrics:
     """Per task metrics (models.metrics.task_metrics) of the model and of the item-rate
-    baseline over every candidate added; keys `{prefix}{task}.{metric}`."""
+    baseline over every candidate added; keys `{prefix}{task}.{metric}`.
+
+    Additive state kept for every candidate, per source (model, baseline) and task: n,
+    positives (or the target sum), cross entropy in bits, predicted-probability sum, squared
+    error, and a [2, AUC_BINS] histogram of logits by label (2 x 3 tasks x 256 KB). The
+    candidates themselves are kept only up to `exact_rows` per rank; if any rank passed it,
+    every rank reports the binned values (the same on all ranks, one all-reduce)."""
+
+    SUMS = 5  # n, positives, ce bits, probability sum, squared error
 
     def __init__(
-        self, tasks: list[str], regression: list[bool], model_prefix: str, count_key: str
+        self,
+        tasks: list[str],
+        regression: list[bool],
+        model_prefix: str,
+        count_key: str,
+        exact_rows: int = 1 << 21,
     ) -> None:
         self.tasks, self.regression = tasks, regression
         self.model_prefix, self.count_key = model_prefix, count_key
-        self.parts: list[torch.Tensor] = []  # [P, 3T]: logits | labels | baseline
+        self.exact_rows = exact_rows
+        t = len(tasks)
+        self.sums = torch.zeros(2, t, self.SUMS, dtype=torch.float64)
+        self.hist = torch.zeros(2, t, 2, AUC_BINS, dtype=torch.float64)  # [source, task, y]
+        self.rows = 0
+        self.parts: list[torch.Tensor] | None = []  # [P, 3T]: logits | labels | baseline
+
+    def _logits(self, k: int, baseline: torch.Tensor) -> torch.Tensor:
+        """The baseline predicts a rate: its logit is the rate's log-odds (regression: the
+        rate itself)."""
+        b = baseline[:, k].double()
+        return b if self.regression[k] else torch.logit(b.clamp(1e-6, 1 - 1e-6))
 
     def add(self, logits: torch.Tensor, labels: torch.Tensor, baseline: torch.Tensor) -> None:
-        self.parts.append(
-            torch.cat([logits.float(), labels.float(), baseline.float()], dim=1).cpu()
-        )
+        logits, labels, baseline = logits.cpu(), labels.cpu(), baseline.cpu()
+        self.rows += logits.shape[0]
+        for k, reg in enumerate(self.regression):
+            y = labels[:, k].double()
+            for src, x in enumerate((logits[:, k].double(), self._logits(k, baseline))):
+                s = self.sums[src, k]
+                s[0] += y.numel()
+                s[1] += y.sum()
+                if reg:
+                    s[4] += ((x - y) ** 2).sum()
+                    continue
+                s[2] += cross_entropy_bits(x, y)
+                s[3] += torch.sigmoid(x).sum()
+                self.hist[src, k].view(-1).index_add_(
+                    0, (y > 0.5).long() * AUC_BINS + score_bins(x), torch.ones_like(x)
+                )
+        if self.parts is not None:
+            self.parts.append(torch.cat([logits.float(), labels.float(), baseline.float()], 1))
+            if self.rows > self.exact_rows:
+                self.parts = None  # binned from here on: no rank gathers a window this size
 
     def reduce(self) -> dict[str, float]:
+        flags = torch.tensor([float(self.parts is None)], dtype=torch.float64)
+        flat = all_reduce_(torch.cat([self.sums.flatten(), self.hist.flatten(), flags]))
+        if float(flat[-1]) == 0:
+            return self._exact()
+        t = len(self.tasks)
+        sums = flat[: self.sums.numel()].view(2, t, self.SUMS)
+        hist = flat[self.sums.numel() : -1].view(2, t, 2, AUC_BINS)
+        out = {self.count_key: float(sums[0, 0, 0]) if t else 0.0, "auc_binned": 1.0}
+        for k, (task, reg) in enumerate(zip(self.tasks, self.regression)):
+            for src, prefix in enumerate((self.model_prefix, "item_rate/")):
+                n, pos, ce, prob, sse = (float(v) for v in sums[src, k])
+                if reg:
+                    out[f"{prefix}{task}.mse"] = sse / n if n else math.nan
+                    continue
+                out[f"{prefix}{task}.auc"] = binned_auc(hist[src, k, 0], hist[src, k, 1])
+                out[f"{prefix}{task}.ne"] = ne_from_sums(ce, n, pos)
+                out[f"{prefix}{task}.calibration"] = prob / pos if pos else math.nan
+        return out
+
+    def _exact(self) -> dict[str, float]:
         t = len(self.tasks)
         local = torch.cat(self.parts) if self.parts else torch.zeros(0, 3 * t)
         rows = all_gather_rows(local)
@@ -221,9 +291,7 @@ class RankingMetrics:
         for k, (task, reg) in enumerate(zip(self.tasks, self.regression)):
             for name, v in task_metrics(logits[:, k], labels[:, k], reg).items():
                 out[f"{self.model_prefix}{task}.{name}"] = v
-            # the baseline predicts a rate: its logit is the rate's log-odds
-            rate = base[:, k] if reg else torch.logit(base[:, k].clamp(1e-6, 1 - 1e-6))
-            for name, v in task_metrics(rate, labels[:, k], reg).items():
+            for name, v in task_metrics(self._logits(k, base), labels[:, k], reg).items():
                 out[f"item_rate/{task}.{name}"] = v
         return out
 
