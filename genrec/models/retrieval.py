@@ -29,7 +29,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from genrec.config import Config, ModelConfig
-from genrec.data_pipeline.batch import ITEM_KEY, Batch
+from genrec.data_pipeline.batch import ITEM_KEY, Batch, StepBatch
 from genrec.embeddings.tables import SparseEmbeddings
 from genrec.models.hstu import HSTUEncoder
 from genrec.models.losses import bce_one_negative_loss, full_softmax_loss, sampled_softmax_loss
@@ -76,6 +76,14 @@ def lookup_kjt(batch: Batch, features: list[str], extra_items: torch.Tensor) -> 
     )
 
 
+def sharded_lookups(sparse: SparseEmbeddings, step: StepBatch) -> tuple:
+    """(EmbeddingCollection output, managed-collision output), None where there is no such
+    collection. Called on attributes of `step`, so TorchRec's pipeline can pipeline them."""
+    ec_out = sparse.ec(step.ec_rows) if sparse.ec is not None else None
+    mc_out = sparse.mc_ec(step.mc_rows)[0] if sparse.mc_ec is not None else None
+    return ec_out, mc_out
+
+
 class HSTURetrieval(nn.Module):
     def __init__(self, cfg: Config) -> None:
         super().__init__()
@@ -91,13 +99,6 @@ class HSTURetrieval(nn.Module):
         return HSTUEncoder(cfg)
 
     # ------------------------------------------------------------------ internals
-
-    def _lookup(self, batch: Batch, extra: torch.Tensor):
-        out = self.sparse(lookup_kjt(batch, self.features, extra))
-        n_seq = int(batch.lengths.sum())
-        items = out[ITEM_KEY].values()
-        context = {f: out[f].values() for f in self.features[1:]}
-        return items[:n_seq], items[n_seq:], context
 
     def _encode(self, batch: Batch, item_rows: torch.Tensor, context: dict) -> tuple:
         tok = self.tokens(
@@ -121,14 +122,52 @@ class HSTURetrieval(nn.Module):
 
     # ------------------------------------------------------------------ API
 
+    def prepare(self, batch: Batch, negatives: torch.Tensor, neg_log_q: torch.Tensor) -> StepBatch:
+        """The step's input: the one lookup KJT (sequences + negatives) hashed into table
+        rows, split by collection; on the batch's device (the trainer: on the host)."""
+        groups = self.sparse.row_groups(lookup_kjt(batch, self.features, negatives))
+        tgt, _ = target_events(batch)
+        return StepBatch(
+            batch=batch,
+            ec_rows=groups.get("ec"),
+            mc_rows=groups.get("mc"),
+            dp_rows=groups.get("dp"),
+            negatives=negatives.to(torch.int64),
+            neg_log_q=neg_log_q,
+            num_events=int(batch.item_ids.numel()),
+            num_targets=int(tgt.numel()),
+        )
+
     def forward(
-        self, batch: Batch, negatives: torch.Tensor, neg_log_q: torch.Tensor
+        self,
+        batch: Batch | StepBatch,
+        negatives: torch.Tensor | None = None,
+        neg_log_q: torch.Tensor | None = None,
     ) -> RetrievalOutput:
         """Sampled (or, with retrieval.full_softmax, exact) softmax loss of the batch.
 
         With full_softmax, `negatives` must be the whole catalog's raw ids (neg_log_q unused).
+        A `StepBatch` (the trainer's, `prepare`d on the host) carries its negatives. This
+        body is what TorchRec's train pipeline traces: the sharded collections are called on
+        attributes of the step batch (so their input distribution can start a step early);
+        everything after them is `_retrieval_loss`, opaque to the trace.
         """
-        item_rows, neg_rows, context = self._lookup(batch, negatives)
+        if isinstance(batch, Batch):  # eager callers: the step input is built here
+            batch = self.prepare(batch, negatives, neg_log_q)
+        ec_out, mc_out = sharded_lookups(self.sparse, batch)
+        return _retrieval_loss(self, batch, ec_out, mc_out)
+
+    def _step_rows(self, step: StepBatch, ec_out, mc_out):
+        """(sequence item rows, extra item rows, context rows) of a step's lookup."""
+        groups = {"dp": step.dp_rows} if step.dp_rows is not None else {}
+        values = self.sparse.feature_values(self.features, groups, ec_out, mc_out)
+        items = values[ITEM_KEY]
+        n = step.num_events
+        return items[:n], items[n:], {f: values[f] for f in self.features[1:]}
+
+    def _loss(self, step: StepBatch, ec_out, mc_out) -> RetrievalOutput:
+        batch, negatives, neg_log_q = step.batch, step.negatives, step.neg_log_q
+        item_rows, neg_rows, context = self._step_rows(step, ec_out, mc_out)
         states, tgt, _, out = self._states(batch, item_rows, context)
         neg_emb = self._item_vectors(neg_rows)
         P = int(tgt.numel())
@@ -182,7 +221,9 @@ class HSTURetrieval(nn.Module):
 
     def user_states(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(states [P, D] as scored, target raw ids [P], sequence row [P]) per target position."""
-        item_rows, _, context = self._lookup(batch, batch.item_ids.new_zeros(0))
+        none = batch.item_ids.new_zeros(0)
+        step = self.prepare(batch, none, none.to(torch.float32))
+        item_rows, _, context = self._step_rows(step, *sharded_lookups(self.sparse, step))
         states, tgt, rows, _ = self._states(batch, item_rows, context)
         return states, batch.item_ids[tgt], rows
 
@@ -237,6 +278,14 @@ class HSTURetrieval(nn.Module):
         last = (tok_len - 1).clamp_min(0)
         idx = last[:, None, None].expand(-1, 1, out.shape[-1])
         return self._scored(torch.gather(out, 1, idx)[:, 0])
+
+
+def _retrieval_loss(model: HSTURetrieval, step: StepBatch, ec_out, mc_out) -> RetrievalOutput:
+    """The loss after the sharded lookups (a plain call outside TorchRec's trace)."""
+    return model._loss(step, ec_out, mc_out)
+
+
+torch.fx.wrap("_retrieval_loss")
 
 
 def catalog_index(catalog_ids: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
