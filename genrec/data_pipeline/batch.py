@@ -17,12 +17,13 @@ runs the same number of steps (collectives never wait on a rank that ran out of 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import pyarrow as pa
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
 
 ITEM_KEY = "item_id"
 ACTION_KEY = "action"
@@ -97,14 +98,13 @@ class Batch:
 
 
 @dataclass
-class StepBatch:
+class StepBatch(Pipelineable):
     """One training step's model input, prepared on the host (TorchRec's `Pipelineable`).
 
     The sharded collections' inputs are attributes (`ec_rows`, `mc_rows`: table rows, hashed
     on the host), which is what lets TorchRec's train pipeline start their input
     distribution one step ahead. Sizes the model would otherwise read back from the device
-    are Python ints. `step` and `position` (the stream position after this batch) are the
-    runner's bookkeeping; `to` carries them along.
+    are Python ints. `step` and `info` are the runner's bookkeeping; `to` carries them along.
 
     Layout of the lookup: B sequences, plus one more "sample" holding `negatives` in the
     item_id key (every other key has length 0 there): item rows [num_events + n_negatives].
@@ -118,8 +118,8 @@ class StepBatch:
     neg_log_q: torch.Tensor  # float [N]
     num_events: int  # events in `batch` (the lookup's first num_events item rows)
     num_targets: int  # positions the loss averages over (retrieval) or candidates (ranking)
-    step: int = -1
-    position: object = None
+    step: int = -1  # the trainer step this batch is for
+    info: dict = field(default_factory=dict)  # the runner's (stream position, input wait)
 
     _KJTS = ("ec_rows", "mc_rows", "dp_rows")
 
@@ -135,7 +135,7 @@ class StepBatch:
             num_events=self.num_events,
             num_targets=self.num_targets,
             step=self.step,
-            position=self.position,
+            info=self.info,
         )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> StepBatch:
