@@ -118,6 +118,7 @@ class StepBatch(Pipelineable):
     neg_log_q: torch.Tensor  # float [N]
     num_events: int  # events in `batch` (the lookup's first num_events item rows)
     num_targets: int  # positions the loss averages over (retrieval) or candidates (ranking)
+    tokens: object = None  # the model's token layout sizes (models.tokens.TokenSizes)
     step: int = -1  # the trainer step this batch is for
     info: dict = field(default_factory=dict)  # the runner's (stream position, input wait)
 
@@ -134,6 +135,7 @@ class StepBatch(Pipelineable):
             neg_log_q=tensor_fn(self.neg_log_q),
             num_events=self.num_events,
             num_targets=self.num_targets,
+            tokens=self.tokens,
             step=self.step,
             info=self.info,
         )

@@ -64,14 +64,18 @@ class RankingOutput:
     task_losses: dict[str, torch.Tensor]  # detached, where computed (reading one syncs)
 
 
-def candidate_events(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(flat index of every candidate event, its sequence row)."""
+def candidate_events(batch: Batch, num: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat index of every candidate event, its sequence row); `num`: how many there are,
+    when known (no device read)."""
     lengths = batch.lengths.to(torch.int64)
     nt = batch.num_targets.to(torch.int64)
     ends = torch.cumsum(lengths, 0)
-    rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), nt)
-    within = torch.arange(int(nt.sum()), device=lengths.device) - torch.repeat_interleave(
-        nt.cumsum(0) - nt, nt
+    num = int(nt.sum()) if num is None else num
+    rows = torch.repeat_interleave(
+        torch.arange(lengths.numel(), device=lengths.device), nt, output_size=num
+    )
+    within = torch.arange(num, device=lengths.device) - torch.repeat_interleave(
+        nt.cumsum(0) - nt, nt, output_size=num
     )
     return (ends - nt)[rows] + within, rows
 
@@ -148,6 +152,9 @@ class HSTURanking(nn.Module):
             neg_log_q=none.to(torch.float32),
             num_events=int(batch.item_ids.numel()),
             num_targets=int(batch.num_targets.sum()),
+            tokens=self.tokens.sizes(
+                batch.actions, batch.lengths, batch.num_targets, candidates=not self.causal
+            ),
         )
 
     def predict(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -169,9 +176,10 @@ class HSTURanking(nn.Module):
             batch.num_targets,
             context,
             candidates=not self.causal,
+            sizes=step.tokens,
         )
         h = self.encoder(tok.x, tok.offsets, max(tok.max_len, 1), tok.timestamps, tok.num_targets)
-        cand, rows = candidate_events(batch)
+        cand, rows = candidate_events(batch, step.num_targets)
         # causal: the candidate's item token (its action token follows it, unseen by it)
         read = tok.state_index[cand] - (1 if self.causal else 0)
         logits = self.head(h[read])

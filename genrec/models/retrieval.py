@@ -43,16 +43,20 @@ class RetrievalOutput:
     num_candidates: int  # columns of the softmax per position
 
 
-def target_events(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(flat index of each target event with a preceding event, its sequence row)."""
+def target_events(batch: Batch, num: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat index of each target event with a preceding event, its sequence row); `num`:
+    how many there are, when known (no device read)."""
     lengths = batch.lengths.to(torch.int64)
     offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
     first = torch.clamp(lengths - batch.num_targets.to(torch.int64), min=1)
     n = torch.clamp(lengths - first, min=0)
-    rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), n)
-    start = torch.repeat_interleave(offsets[:-1] + first, n)
-    within = torch.arange(int(n.sum()), device=lengths.device) - torch.repeat_interleave(
-        n.cumsum(0) - n, n
+    num = int(n.sum()) if num is None else num
+    rows = torch.repeat_interleave(
+        torch.arange(lengths.numel(), device=lengths.device), n, output_size=num
+    )
+    start = torch.repeat_interleave(offsets[:-1] + first, n, output_size=num)
+    within = torch.arange(num, device=lengths.device) - torch.repeat_interleave(
+        n.cumsum(0) - n, n, output_size=num
     )
     return start + within, rows
 
@@ -100,9 +104,15 @@ class HSTURetrieval(nn.Module):
 
     # ------------------------------------------------------------------ internals
 
-    def _encode(self, batch: Batch, item_rows: torch.Tensor, context: dict) -> tuple:
+    def _encode(self, batch: Batch, item_rows: torch.Tensor, context: dict, sizes=None):
         tok = self.tokens(
-            item_rows, batch.actions, batch.timestamps, batch.lengths, batch.num_targets, context
+            item_rows,
+            batch.actions,
+            batch.timestamps,
+            batch.lengths,
+            batch.num_targets,
+            context,
+            sizes=sizes,
         )
         out = self.encoder(tok.x, tok.offsets, max(tok.max_len, 1), tok.timestamps)
         return out, tok
@@ -114,9 +124,9 @@ class HSTURetrieval(nn.Module):
     def _item_vectors(self, rows: torch.Tensor) -> torch.Tensor:
         return self._scored(self.tokens.item_proj(rows))
 
-    def _states(self, batch: Batch, item_rows: torch.Tensor, context: dict):
-        out, tok = self._encode(batch, item_rows, context)
-        tgt, rows = target_events(batch)
+    def _states(self, step: StepBatch, item_rows: torch.Tensor, context: dict):
+        out, tok = self._encode(step.batch, item_rows, context, step.tokens)
+        tgt, rows = target_events(step.batch, step.num_targets)
         states = self._scored(out[tok.state_index[tgt - 1]])
         return states, tgt, rows, out
 
@@ -127,6 +137,7 @@ class HSTURetrieval(nn.Module):
         rows, split by collection; on the batch's device (the trainer: on the host)."""
         groups = self.sparse.row_groups(lookup_kjt(batch, self.features, negatives))
         tgt, _ = target_events(batch)
+        sizes = self.tokens.sizes(batch.actions, batch.lengths, batch.num_targets)
         return StepBatch(
             batch=batch,
             ec_rows=groups.get("ec"),
@@ -136,6 +147,7 @@ class HSTURetrieval(nn.Module):
             neg_log_q=neg_log_q,
             num_events=int(batch.item_ids.numel()),
             num_targets=int(tgt.numel()),
+            tokens=sizes,
         )
 
     def forward(
@@ -168,7 +180,7 @@ class HSTURetrieval(nn.Module):
     def _loss(self, step: StepBatch, ec_out, mc_out) -> RetrievalOutput:
         batch, negatives, neg_log_q = step.batch, step.negatives, step.neg_log_q
         item_rows, neg_rows, context = self._step_rows(step, ec_out, mc_out)
-        states, tgt, _, out = self._states(batch, item_rows, context)
+        states, tgt, _, out = self._states(step, item_rows, context)
         neg_emb = self._item_vectors(neg_rows)
         P = int(tgt.numel())
         if P == 0:  # keep every parameter in the graph so DDP/DMP steps stay aligned
@@ -224,7 +236,7 @@ class HSTURetrieval(nn.Module):
         none = batch.item_ids.new_zeros(0)
         step = self.prepare(batch, none, none.to(torch.float32))
         item_rows, _, context = self._step_rows(step, *sharded_lookups(self.sparse, step))
-        states, tgt, rows, _ = self._states(batch, item_rows, context)
+        states, tgt, rows, _ = self._states(step, item_rows, context)
         return states, batch.item_ids[tgt], rows
 
     def item_embeddings(self, raw_ids: torch.Tensor) -> torch.Tensor:
