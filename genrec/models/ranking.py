@@ -45,7 +45,7 @@ from genrec.data_pipeline.schemas import ACTIONS
 from genrec.embeddings.tables import SparseEmbeddings
 from genrec.models.hstu import HSTUEncoder
 from genrec.models.losses import multitask_loss
-from genrec.models.retrieval import lookup_kjt, sharded_lookups
+from genrec.models.retrieval import lookup_kjt, sharded_lookups, step_rows
 from genrec.models.tokens import TokenBuilder
 
 FUNNEL = {
@@ -164,20 +164,8 @@ class HSTURanking(nn.Module):
 
     def _predict(self, step: StepBatch, ec_out, mc_out):
         batch = step.batch
-        groups = {"dp": step.dp_rows} if step.dp_rows is not None else {}
-        values = self.sparse.feature_values(self.features, groups, ec_out, mc_out)
-        item_rows = values[ITEM_KEY][: step.num_events]
-        context = {f: values[f] for f in self.features[1:]}
-        tok = self.tokens(
-            item_rows,
-            batch.actions,
-            batch.timestamps,
-            batch.lengths,
-            batch.num_targets,
-            context,
-            candidates=not self.causal,
-            sizes=step.tokens,
-        )
+        item_rows, _, context = step_rows(self.sparse, self.features, step, ec_out, mc_out)
+        tok = self.tokens.for_step(item_rows, step, context, candidates=not self.causal)
         h = self.encoder(tok.x, tok.offsets, max(tok.max_len, 1), tok.timestamps, tok.num_targets)
         cand, rows = candidate_events(batch, step.num_targets)
         # causal: the candidate's item token (its action token follows it, unseen by it)

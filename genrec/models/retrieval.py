@@ -88,6 +88,15 @@ def sharded_lookups(sparse: SparseEmbeddings, step: StepBatch) -> tuple:
     return ec_out, mc_out
 
 
+def step_rows(sparse: SparseEmbeddings, features: list[str], step: StepBatch, ec_out, mc_out):
+    """(sequence item rows, extra item rows, {context feature: rows}) of a step's lookup."""
+    groups = {"dp": step.dp_rows} if step.dp_rows is not None else {}
+    values = sparse.feature_values(features, groups, ec_out, mc_out)
+    items = values[ITEM_KEY]
+    n = step.num_events
+    return items[:n], items[n:], {f: values[f] for f in features[1:]}
+
+
 class HSTURetrieval(nn.Module):
     def __init__(self, cfg: Config) -> None:
         super().__init__()
@@ -104,16 +113,8 @@ class HSTURetrieval(nn.Module):
 
     # ------------------------------------------------------------------ internals
 
-    def _encode(self, batch: Batch, item_rows: torch.Tensor, context: dict, sizes=None):
-        tok = self.tokens(
-            item_rows,
-            batch.actions,
-            batch.timestamps,
-            batch.lengths,
-            batch.num_targets,
-            context,
-            sizes=sizes,
-        )
+    def _encode(self, step: StepBatch, item_rows: torch.Tensor, context: dict):
+        tok = self.tokens.for_step(item_rows, step, context)
         out = self.encoder(tok.x, tok.offsets, max(tok.max_len, 1), tok.timestamps)
         return out, tok
 
@@ -125,7 +126,7 @@ class HSTURetrieval(nn.Module):
         return self._scored(self.tokens.item_proj(rows))
 
     def _states(self, step: StepBatch, item_rows: torch.Tensor, context: dict):
-        out, tok = self._encode(step.batch, item_rows, context, step.tokens)
+        out, tok = self._encode(step, item_rows, context)
         tgt, rows = target_events(step.batch, step.num_targets)
         states = self._scored(out[tok.state_index[tgt - 1]])
         return states, tgt, rows, out
@@ -169,17 +170,9 @@ class HSTURetrieval(nn.Module):
         ec_out, mc_out = sharded_lookups(self.sparse, batch)
         return _retrieval_loss(self, batch, ec_out, mc_out)
 
-    def _step_rows(self, step: StepBatch, ec_out, mc_out):
-        """(sequence item rows, extra item rows, context rows) of a step's lookup."""
-        groups = {"dp": step.dp_rows} if step.dp_rows is not None else {}
-        values = self.sparse.feature_values(self.features, groups, ec_out, mc_out)
-        items = values[ITEM_KEY]
-        n = step.num_events
-        return items[:n], items[n:], {f: values[f] for f in self.features[1:]}
-
     def _loss(self, step: StepBatch, ec_out, mc_out) -> RetrievalOutput:
         batch, negatives, neg_log_q = step.batch, step.negatives, step.neg_log_q
-        item_rows, neg_rows, context = self._step_rows(step, ec_out, mc_out)
+        item_rows, neg_rows, context = step_rows(self.sparse, self.features, step, ec_out, mc_out)
         states, tgt, _, out = self._states(step, item_rows, context)
         neg_emb = self._item_vectors(neg_rows)
         P = int(tgt.numel())
@@ -235,7 +228,9 @@ class HSTURetrieval(nn.Module):
         """(states [P, D] as scored, target raw ids [P], sequence row [P]) per target position."""
         none = batch.item_ids.new_zeros(0)
         step = self.prepare(batch, none, none.to(torch.float32))
-        item_rows, _, context = self._step_rows(step, *sharded_lookups(self.sparse, step))
+        item_rows, _, context = step_rows(
+            self.sparse, self.features, step, *sharded_lookups(self.sparse, step)
+        )
         states, tgt, rows, _ = self._states(step, item_rows, context)
         return states, batch.item_ids[tgt], rows
 

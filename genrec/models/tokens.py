@@ -188,6 +188,22 @@ class TokenBuilder(nn.Module):
             state_index=state_tok,
         )
 
+    def for_step(
+        self, item_rows: torch.Tensor, step, context: dict, candidates: bool = False
+    ) -> Tokens:
+        """`forward` on a StepBatch's sequences, with the sizes its host stage read."""
+        b = step.batch
+        return self(
+            item_rows,
+            b.actions,
+            b.timestamps,
+            b.lengths,
+            b.num_targets,
+            context,
+            candidates=candidates,
+            sizes=step.tokens,
+        )
+
     def _add_context(self, x, ts, context_emb, rows, t, hist, lengths, offsets, nonempty):
         """Write the C contextual tokens at the head of every non-empty sequence (rows
         `nonempty`)."""
