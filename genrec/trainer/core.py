@@ -5,6 +5,9 @@ model.task (tasks.py) and owns what every mode shares:
 
   train_step(batch, metrics)   one optimizer step on the task's loss; randomness is a pure
                                function of (seed, step, rank), so resumed == uninterrupted
+  prepare_step / train_pipelined  the same steps through TorchRec's train pipeline
+                               (trainer.pipeline; pipeline.py): the host half of each step
+                               prepared ahead, the forward with the step's lr and seed
   evaluate(batch, scores)      the task scores a batch with the current weights (no grad)
   save() / restore(path)       model + optimizer (DCP, any world size), the task's host
                                tensors per rank, and the runner's progress (`progress_state`)
@@ -14,7 +17,8 @@ model.task (tasks.py) and owns what every mode shares:
 Runners (stream_runner.py: one time-ordered pass; epochs.py: leave-one-out epochs) subclass
 it and add only their loop; `loop.run_worker` picks one by trainer.mode. Each stage of a step is a
 method labelled with `torch.profiler.record_function`, so a profile reads like the code:
-genrec.read_batch, genrec.evaluate, genrec.train_step, genrec.log, genrec.checkpoint.
+genrec.read_batch, genrec.evaluate, genrec.prepare_step, genrec.train_step, genrec.log,
+genrec.checkpoint.
 """
 
 from __future__ import annotations
@@ -229,6 +233,8 @@ class TrainerCore:
         with record_function("genrec.prepare_step"):
             rng = step_generator(self.cfg.trainer.seed, step, self.ctx.rank)
             prepared = self.task.prepare(host, rng)
+            if self.ctx.device.type == "cuda":  # page-locked: the pipeline's copy is async
+                prepared = prepared.pin_memory()
             prepared.step, prepared.info = step, info
             return prepared
 
