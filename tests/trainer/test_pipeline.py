@@ -2,9 +2,10 @@
 
 The same stream is trained twice from the same seed, with trainer.pipeline=none (every step
 plain) and trainer.pipeline=sparse_dist (after each window's first evaluated batch the rest
-of the window runs through TrainPipelineSparseDist, in segments cut at every checkpoint).
-Every step's loss on every rank and the final weights must be equal: the pipeline moves only
-host preparation and the ids' all-to-all ahead, never a lookup (trainer/pipeline.py).
+of the window runs through TrainPipelineSparseDist, in segments cut at every checkpoint);
+and the same for epochs mode (whole epochs pipelined). Every step's loss on every rank and
+the final weights must be equal: the pipeline moves only host preparation and the ids'
+all-to-all ahead, never a lookup (trainer/pipeline.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,17 @@ def prepared(tmp_path_factory, ray_local) -> Path:
     return make_prepared(
         tmp_path_factory.mktemp("pipeline"), users=300, events=30_000, items=600, seed=3
     )
+
+
+@pytest.fixture(scope="module")
+def prepared_epochs(prepared) -> Path:
+    """The same raw events prepared for epochs mode (one window per user)."""
+    from genrec.data_pipeline.sequences import prepare
+
+    out = prepared / "prepared_epochs"
+    prepare(source="tecd", in_dir=str(prepared / "raw"), out_dir=str(out), window="1000000000000",
+            max_len=20)  # fmt: skip
+    return out
 
 
 def _cfg(base: Path, run: str, pipeline: str, task: str):
@@ -97,3 +109,61 @@ def test_pipeline_equals_plain_loop(prepared, task):
     assert w_piped.keys() == w_plain.keys()
     for k in w_plain:
         torch.testing.assert_close(w_piped[k], w_plain[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+def _train_epochs(rank: int, world_size: int, prepared: str, run_dir: str, pipeline: str) -> dict:
+    from genrec.trainer.distributed import context_from_initialized
+    from genrec.trainer.epochs import EpochTrainer
+    from genrec.trainer.progressive import WindowMetrics
+
+    cfg = tiny_config(
+        Path(prepared),
+        Path(run_dir),
+        f"trainer.pipeline={pipeline}",
+        "trainer.mode=epochs",
+        "trainer.epochs=2",
+        "trainer.batch_size=16",
+        "model.dropout=0.1",
+        "model.retrieval.num_negatives=64",
+        "embeddings.tables=[{name: item, num_embeddings: 4096, dim: 32, features: [item_id]}]",
+    )
+    losses: list[float] = []
+    add_loss = WindowMetrics.add_loss
+
+    def record(self, loss, n):  # every training step's loss on this rank (test only)
+        losses.append(float(loss))
+        add_loss(self, loss, n)
+
+    piped: list[int] = []
+    forward = EpochTrainer.pipelined_forward
+
+    def pipelined_forward(self, step):  # the steps TorchRec's pipeline ran
+        piped.append(step.step)
+        return forward(self, step)
+
+    WindowMetrics.add_loss, EpochTrainer.pipelined_forward = record, pipelined_forward
+    trainer = EpochTrainer(cfg, context_from_initialized("cpu"))
+    history = trainer.run(resume=False, progress=False)
+    return {"losses": losses, "test": history[-1], "piped": piped}
+
+
+def test_pipelined_epochs_equal_plain_epochs(prepared, prepared_epochs):
+    out, weights = {}, {}
+    for pipeline in ("none", "sparse_dist"):
+        run = prepared / f"epochs_{pipeline}"
+        out[pipeline] = run_on_ranks(
+            _train_epochs, world_size=2, args=(str(prepared_epochs), str(run), pipeline)
+        )
+        weights[pipeline] = final_model_state(run)[0]
+    for rank in range(2):
+        plain, piped = out["none"][rank], out["sparse_dist"][rank]
+        assert len(piped["losses"]) == len(plain["losses"]) > 10
+        assert piped["piped"] == list(range(len(piped["losses"]))) and not plain["piped"]
+        torch.testing.assert_close(
+            torch.tensor(piped["losses"]), torch.tensor(plain["losses"]), rtol=1e-6, atol=1e-7
+        )
+        assert piped["test"]["test/ndcg@10"] == pytest.approx(plain["test"]["test/ndcg@10"])
+    for k in weights["none"]:
+        torch.testing.assert_close(
+            weights["sparse_dist"][k], weights["none"][k], rtol=1e-6, atol=1e-7, msg=k
+        )
