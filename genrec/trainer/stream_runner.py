@@ -6,6 +6,12 @@ per-task AUC against the item rate), train on it, log, and checkpoint every
 `trainer.checkpoint_every` steps. At each window end the per-window metrics are reduced
 across ranks and logged, the task's running state is synced, and a checkpoint is written
 with the stream position, so a resumed run continues exactly like an uninterrupted one.
+
+With trainer.pipeline=sparse_dist, once a window's evaluated batches (trainer.eval_batches)
+are done its remaining steps run through TorchRec's train pipeline (pipeline.py) in one
+segment per window, cut at each checkpoint and at max_steps: a segment prepares only the
+steps it trains and ends drained, so the saved position and task state are exact. The
+first batch of the next window, read to see the window end, waits in `pending`.
 """
 
 from __future__ import annotations
