@@ -247,6 +247,9 @@ class TrainerConfig:
     warmup_steps: int = 0
     grad_clip: float = 1.0
     bf16: bool = True  # autocast on GPU only
+    # TorchRec's TrainPipelineSparseDist (trainer/pipeline.py): the next batch's input dist
+    # overlaps this step's compute; steps that progressive eval scores run plain (none: all)
+    pipeline: Literal["none", "sparse_dist"] = "sparse_dist"
     seed: int = 0
     run_dir: str = "runs/default"
     eval_batches: int = 0  # progressive eval batches per window (0: the whole window)

@@ -17,12 +17,13 @@ runs the same number of steps (collectives never wait on a rank that ran out of 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import pyarrow as pa
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
 
 ITEM_KEY = "item_id"
 ACTION_KEY = "action"
@@ -88,6 +89,85 @@ class Batch:
             ),
             **{k: v.pin_memory() for k, v in self._dense().items()},
         )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        """Tell the CUDA caching allocator that `stream` uses these tensors."""
+        self.features.record_stream(stream)
+        for v in self._dense().values():
+            v.record_stream(stream)
+
+
+@dataclass
+class StepBatch(Pipelineable):
+    """One training step's model input, prepared on the host (TorchRec's `Pipelineable`).
+
+    The sharded collections' inputs are attributes (`ec_rows`, `mc_rows`: table rows, hashed
+    on the host), which is what lets TorchRec's train pipeline start their input
+    distribution one step ahead. Sizes the model would otherwise read back from the device
+    are Python ints. `step` and `info` are the runner's bookkeeping; `to` carries them along.
+
+    Layout of the lookup: B sequences, plus one more "sample" holding `negatives` in the
+    item_id key (every other key has length 0 there): item rows [num_events + n_negatives].
+    """
+
+    batch: Batch  # the sequences (dense path: actions, timestamps, lengths, targets)
+    ec_rows: KeyedJaggedTensor | None  # rows of the sharded EmbeddingCollection's keys
+    mc_rows: KeyedJaggedTensor | None  # raw ids of the managed-collision tables
+    dp_rows: KeyedJaggedTensor | None  # rows of the replicated (data-parallel) tables
+    negatives: torch.Tensor  # int64 [N] raw ids (empty for ranking)
+    neg_log_q: torch.Tensor  # float [N]
+    num_events: int  # events in `batch` (the lookup's first num_events item rows)
+    num_targets: int  # positions the loss averages over (retrieval) or candidates (ranking)
+    tokens: object = None  # the model's token layout sizes (models.tokens.TokenSizes)
+    step: int = -1  # the trainer step this batch is for
+    info: dict = field(default_factory=dict)  # the runner's (stream position, input wait)
+
+    _KJTS = ("ec_rows", "mc_rows", "dp_rows")
+
+    def _map(self, kjt_fn, tensor_fn, batch_fn) -> StepBatch:
+        kjts = {
+            k: None if getattr(self, k) is None else kjt_fn(getattr(self, k)) for k in self._KJTS
+        }
+        return StepBatch(
+            batch=batch_fn(self.batch),
+            **kjts,
+            negatives=tensor_fn(self.negatives),
+            neg_log_q=tensor_fn(self.neg_log_q),
+            num_events=self.num_events,
+            num_targets=self.num_targets,
+            tokens=self.tokens,
+            step=self.step,
+            info=self.info,
+        )
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> StepBatch:
+        return self._map(
+            lambda k: k.to(device, non_blocking=non_blocking),
+            lambda t: t.to(device, non_blocking=non_blocking),
+            lambda b: b.to(device, non_blocking=non_blocking),
+        )
+
+    def pin_memory(self) -> StepBatch:
+        if not torch.cuda.is_available():
+            return self
+        return self._map(
+            lambda k: KeyedJaggedTensor(
+                keys=k.keys(),
+                values=k.values().pin_memory(),
+                lengths=k.lengths().pin_memory(),
+                stride=k.stride(),
+            ),
+            lambda t: t.pin_memory(),
+            lambda b: b.pin_memory(),
+        )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        self.batch.record_stream(stream)
+        for k in self._KJTS:
+            if getattr(self, k) is not None:
+                getattr(self, k).record_stream(stream)
+        self.negatives.record_stream(stream)
+        self.neg_log_q.record_stream(stream)
 
 
 def _chunk_plan(

@@ -406,7 +406,11 @@ class SparseEmbeddings(torch.nn.Module):
             out.update(zip(table_keys, emb.split([v.numel() for v in values])))
         return out
 
-    def forward(self, kjt: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+    def row_groups(self, kjt: KeyedJaggedTensor) -> dict[str, KeyedJaggedTensor]:
+        """Raw ids -> table rows split by where they are looked up: "ec" (the sharded
+        collection), "dp" (replicated tables), "mc" (managed collision); present groups only.
+        Host work (hashing, vocabulary, range checks): the trainer's batch preparation runs it
+        before the device copy, so the sharded collections' inputs are batch attributes."""
         rows = self.hash_features(kjt)
         groups = [
             (name, keys)
@@ -414,19 +418,25 @@ class SparseEmbeddings(torch.nn.Module):
             if keys
         ]
         parts = rows.split([len(keys) for _, keys in groups]) if len(groups) > 1 else [rows]
+        return {name: part for (name, _), part in zip(groups, parts)}
+
+    def feature_values(
+        self,
+        features: list[str],
+        groups: dict[str, KeyedJaggedTensor],
+        ec_out: dict[str, JaggedTensor] | None,
+        mc_out: dict[str, JaggedTensor] | None,
+    ) -> dict[str, torch.Tensor]:
+        """Each embedded feature's values [n_f, dim] (the sum of its k hashes' rows) from the
+        collections' outputs and the replicated tables' rows in `groups["dp"]`."""
         looked_up: dict[str, torch.Tensor] = {}
-        for (name, keys), part in zip(groups, parts):
-            if name == "ec":
-                out = self.ec(part)
-            elif name == "mc":
-                out, _ = self.mc_ec(part)
-            else:
-                looked_up.update(self._replicated_lookup(part, keys))
-                continue
-            for key in keys:
+        for out, keys in ((ec_out, self._ec_keys), (mc_out, self._mc_keys)):
+            for key in keys if out is not None else ():
                 looked_up[key] = out[key].values()
-        result: dict[str, JaggedTensor] = {}
-        for feature in kjt.keys():
+        if "dp" in groups:
+            looked_up.update(self._replicated_lookup(groups["dp"], self._dp_keys))
+        result: dict[str, torch.Tensor] = {}
+        for feature in features:
             table = self._table_of.get(feature)
             if table is None:
                 continue
@@ -434,6 +444,15 @@ class SparseEmbeddings(torch.nn.Module):
             emb = looked_up[keys[0]]
             for key in keys[1:]:
                 emb = emb + looked_up[key]
-            jt = kjt[feature]
-            result[feature] = JaggedTensor(values=emb, lengths=jt.lengths(), offsets=jt.offsets())
+            result[feature] = emb
         return result
+
+    def forward(self, kjt: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+        groups = self.row_groups(kjt)
+        ec_out = self.ec(groups["ec"]) if "ec" in groups else None
+        mc_out = self.mc_ec(groups["mc"])[0] if "mc" in groups else None
+        values = self.feature_values(kjt.keys(), groups, ec_out, mc_out)
+        return {
+            f: JaggedTensor(values=v, lengths=kjt[f].lengths(), offsets=kjt[f].offsets())
+            for f, v in values.items()
+        }

@@ -40,12 +40,12 @@ import torch
 from torch import nn
 
 from genrec.config import Config, ModelConfig
-from genrec.data_pipeline.batch import ITEM_KEY, Batch
+from genrec.data_pipeline.batch import ITEM_KEY, Batch, StepBatch
 from genrec.data_pipeline.schemas import ACTIONS
 from genrec.embeddings.tables import SparseEmbeddings
 from genrec.models.hstu import HSTUEncoder
 from genrec.models.losses import multitask_loss
-from genrec.models.retrieval import lookup_kjt
+from genrec.models.retrieval import lookup_kjt, sharded_lookups, step_rows
 from genrec.models.tokens import TokenBuilder
 
 FUNNEL = {
@@ -61,17 +61,21 @@ class RankingOutput:
     num_targets: int  # candidates scored
     logits: torch.Tensor  # [P, K] (raw predictions for regression tasks)
     labels: torch.Tensor  # [P, K]
-    task_losses: dict[str, float]
+    task_losses: dict[str, torch.Tensor]  # detached, where computed (reading one syncs)
 
 
-def candidate_events(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(flat index of every candidate event, its sequence row)."""
+def candidate_events(batch: Batch, num: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat index of every candidate event, its sequence row); `num`: how many there are,
+    when known (no device read)."""
     lengths = batch.lengths.to(torch.int64)
     nt = batch.num_targets.to(torch.int64)
     ends = torch.cumsum(lengths, 0)
-    rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), nt)
-    within = torch.arange(int(nt.sum()), device=lengths.device) - torch.repeat_interleave(
-        nt.cumsum(0) - nt, nt
+    num = int(nt.sum()) if num is None else num
+    rows = torch.repeat_interleave(
+        torch.arange(lengths.numel(), device=lengths.device), nt, output_size=num
+    )
+    within = torch.arange(num, device=lengths.device) - torch.repeat_interleave(
+        nt.cumsum(0) - nt, nt, output_size=num
     )
     return (ends - nt)[rows] + within, rows
 
@@ -134,23 +138,36 @@ class HSTURanking(nn.Module):
                 cols.append(torch.isin(actions, codes.to(actions.device)).to(torch.float32))
         return torch.stack(cols, dim=1)
 
+    def prepare(self, batch: Batch) -> StepBatch:
+        """The step's input: the sequences' lookup KJT hashed into table rows, split by
+        collection; on the batch's device (the trainer: on the host, before the copy)."""
+        none = batch.item_ids.new_zeros(0)
+        groups = self.sparse.row_groups(lookup_kjt(batch, self.features, none))
+        return StepBatch(
+            batch=batch,
+            ec_rows=groups.get("ec"),
+            mc_rows=groups.get("mc"),
+            dp_rows=groups.get("dp"),
+            negatives=none,
+            neg_log_q=none.to(torch.float32),
+            num_events=int(batch.item_ids.numel()),
+            num_targets=int(batch.num_targets.sum()),
+            tokens=self.tokens.sizes(
+                batch.actions, batch.lengths, batch.num_targets, candidates=not self.causal
+            ),
+        )
+
     def predict(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits [P, K], flat candidate event index [P], sequence row [P])."""
-        out = self.sparse(lookup_kjt(batch, self.features, batch.item_ids.new_zeros(0)))
-        n_seq = int(batch.lengths.sum())
-        item_rows = out[ITEM_KEY].values()[:n_seq]
-        context = {f: out[f].values() for f in self.features[1:]}
-        tok = self.tokens(
-            item_rows,
-            batch.actions,
-            batch.timestamps,
-            batch.lengths,
-            batch.num_targets,
-            context,
-            candidates=not self.causal,
-        )
+        step = self.prepare(batch)
+        return self._predict(step, *sharded_lookups(self.sparse, step))
+
+    def _predict(self, step: StepBatch, ec_out, mc_out):
+        batch = step.batch
+        item_rows, _, context = step_rows(self.sparse, self.features, step, ec_out, mc_out)
+        tok = self.tokens.for_step(item_rows, step, context, candidates=not self.causal)
         h = self.encoder(tok.x, tok.offsets, max(tok.max_len, 1), tok.timestamps, tok.num_targets)
-        cand, rows = candidate_events(batch)
+        cand, rows = candidate_events(batch, step.num_targets)
         # causal: the candidate's item token (its action token follows it, unseen by it)
         read = tok.state_index[cand] - (1 if self.causal else 0)
         logits = self.head(h[read])
@@ -158,18 +175,35 @@ class HSTURanking(nn.Module):
             logits = logits + 0.0 * h.sum()
         return logits, cand, rows
 
-    def forward(self, batch: Batch) -> RankingOutput:
-        """Multi-task loss over all candidates (the batch's target events)."""
-        logits, cand, _ = self.predict(batch)
-        labels = self.labels(batch, cand)
+    def forward(self, batch: Batch | StepBatch) -> RankingOutput:
+        """Multi-task loss over all candidates (the batch's target events). A `StepBatch` is
+        the trainer's, `prepare`d on the host; this body is what TorchRec's train pipeline
+        traces (the sharded collections called on its attributes; the rest, `_ranking_loss`,
+        opaque to the trace)."""
+        if isinstance(batch, Batch):  # eager callers: the step input is built here
+            batch = self.prepare(batch)
+        ec_out, mc_out = sharded_lookups(self.sparse, batch)
+        return _ranking_loss(self, batch, ec_out, mc_out)
+
+    def _loss(self, step: StepBatch, ec_out, mc_out) -> RankingOutput:
+        logits, cand, _ = self._predict(step, ec_out, mc_out)
+        labels = self.labels(step.batch, cand)
         if cand.numel() == 0:
             zero = logits.sum() * 0.0
-            return RankingOutput(zero, 0, logits, labels, {t: 0.0 for t in self.tasks})
+            return RankingOutput(zero, 0, logits, labels, {t: zero for t in self.tasks})
         loss, per_task = multitask_loss(logits, labels, self.weights, self.regression)
         return RankingOutput(
             loss,
             int(cand.numel()),
             logits,
             labels,
-            {t: float(v.detach()) for t, v in zip(self.tasks, per_task)},
+            {t: v.detach() for t, v in zip(self.tasks, per_task)},
         )
+
+
+def _ranking_loss(model: HSTURanking, step: StepBatch, ec_out, mc_out) -> RankingOutput:
+    """The loss after the sharded lookups (a plain call outside TorchRec's trace)."""
+    return model._loss(step, ec_out, mc_out)
+
+
+torch.fx.wrap("_ranking_loss")

@@ -29,7 +29,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from genrec.config import Config, ModelConfig
-from genrec.data_pipeline.batch import ITEM_KEY, Batch
+from genrec.data_pipeline.batch import ITEM_KEY, Batch, StepBatch
 from genrec.embeddings.tables import SparseEmbeddings
 from genrec.models.hstu import HSTUEncoder
 from genrec.models.losses import bce_one_negative_loss, full_softmax_loss, sampled_softmax_loss
@@ -43,16 +43,20 @@ class RetrievalOutput:
     num_candidates: int  # columns of the softmax per position
 
 
-def target_events(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(flat index of each target event with a preceding event, its sequence row)."""
+def target_events(batch: Batch, num: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat index of each target event with a preceding event, its sequence row); `num`:
+    how many there are, when known (no device read)."""
     lengths = batch.lengths.to(torch.int64)
     offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
     first = torch.clamp(lengths - batch.num_targets.to(torch.int64), min=1)
     n = torch.clamp(lengths - first, min=0)
-    rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), n)
-    start = torch.repeat_interleave(offsets[:-1] + first, n)
-    within = torch.arange(int(n.sum()), device=lengths.device) - torch.repeat_interleave(
-        n.cumsum(0) - n, n
+    num = int(n.sum()) if num is None else num
+    rows = torch.repeat_interleave(
+        torch.arange(lengths.numel(), device=lengths.device), n, output_size=num
+    )
+    start = torch.repeat_interleave(offsets[:-1] + first, n, output_size=num)
+    within = torch.arange(num, device=lengths.device) - torch.repeat_interleave(
+        n.cumsum(0) - n, n, output_size=num
     )
     return start + within, rows
 
@@ -76,6 +80,23 @@ def lookup_kjt(batch: Batch, features: list[str], extra_items: torch.Tensor) -> 
     )
 
 
+def sharded_lookups(sparse: SparseEmbeddings, step: StepBatch) -> tuple:
+    """(EmbeddingCollection output, managed-collision output), None where there is no such
+    collection. Called on attributes of `step`, so TorchRec's pipeline can pipeline them."""
+    ec_out = sparse.ec(step.ec_rows) if sparse.ec is not None else None
+    mc_out = sparse.mc_ec(step.mc_rows)[0] if sparse.mc_ec is not None else None
+    return ec_out, mc_out
+
+
+def step_rows(sparse: SparseEmbeddings, features: list[str], step: StepBatch, ec_out, mc_out):
+    """(sequence item rows, extra item rows, {context feature: rows}) of a step's lookup."""
+    groups = {"dp": step.dp_rows} if step.dp_rows is not None else {}
+    values = sparse.feature_values(features, groups, ec_out, mc_out)
+    items = values[ITEM_KEY]
+    n = step.num_events
+    return items[:n], items[n:], {f: values[f] for f in features[1:]}
+
+
 class HSTURetrieval(nn.Module):
     def __init__(self, cfg: Config) -> None:
         super().__init__()
@@ -92,17 +113,8 @@ class HSTURetrieval(nn.Module):
 
     # ------------------------------------------------------------------ internals
 
-    def _lookup(self, batch: Batch, extra: torch.Tensor):
-        out = self.sparse(lookup_kjt(batch, self.features, extra))
-        n_seq = int(batch.lengths.sum())
-        items = out[ITEM_KEY].values()
-        context = {f: out[f].values() for f in self.features[1:]}
-        return items[:n_seq], items[n_seq:], context
-
-    def _encode(self, batch: Batch, item_rows: torch.Tensor, context: dict) -> tuple:
-        tok = self.tokens(
-            item_rows, batch.actions, batch.timestamps, batch.lengths, batch.num_targets, context
-        )
+    def _encode(self, step: StepBatch, item_rows: torch.Tensor, context: dict):
+        tok = self.tokens.for_step(item_rows, step, context)
         out = self.encoder(tok.x, tok.offsets, max(tok.max_len, 1), tok.timestamps)
         return out, tok
 
@@ -113,23 +125,55 @@ class HSTURetrieval(nn.Module):
     def _item_vectors(self, rows: torch.Tensor) -> torch.Tensor:
         return self._scored(self.tokens.item_proj(rows))
 
-    def _states(self, batch: Batch, item_rows: torch.Tensor, context: dict):
-        out, tok = self._encode(batch, item_rows, context)
-        tgt, rows = target_events(batch)
+    def _states(self, step: StepBatch, item_rows: torch.Tensor, context: dict):
+        out, tok = self._encode(step, item_rows, context)
+        tgt, rows = target_events(step.batch, step.num_targets)
         states = self._scored(out[tok.state_index[tgt - 1]])
         return states, tgt, rows, out
 
     # ------------------------------------------------------------------ API
 
+    def prepare(self, batch: Batch, negatives: torch.Tensor, neg_log_q: torch.Tensor) -> StepBatch:
+        """The step's input: the one lookup KJT (sequences + negatives) hashed into table
+        rows, split by collection; on the batch's device (the trainer: on the host)."""
+        groups = self.sparse.row_groups(lookup_kjt(batch, self.features, negatives))
+        tgt, _ = target_events(batch)
+        sizes = self.tokens.sizes(batch.actions, batch.lengths, batch.num_targets)
+        return StepBatch(
+            batch=batch,
+            ec_rows=groups.get("ec"),
+            mc_rows=groups.get("mc"),
+            dp_rows=groups.get("dp"),
+            negatives=negatives.to(torch.int64),
+            neg_log_q=neg_log_q,
+            num_events=int(batch.item_ids.numel()),
+            num_targets=int(tgt.numel()),
+            tokens=sizes,
+        )
+
     def forward(
-        self, batch: Batch, negatives: torch.Tensor, neg_log_q: torch.Tensor
+        self,
+        batch: Batch | StepBatch,
+        negatives: torch.Tensor | None = None,
+        neg_log_q: torch.Tensor | None = None,
     ) -> RetrievalOutput:
         """Sampled (or, with retrieval.full_softmax, exact) softmax loss of the batch.
 
         With full_softmax, `negatives` must be the whole catalog's raw ids (neg_log_q unused).
+        A `StepBatch` (the trainer's, `prepare`d on the host) carries its negatives. This
+        body is what TorchRec's train pipeline traces: the sharded collections are called on
+        attributes of the step batch (so their input distribution can start a step early);
+        everything after them is `_retrieval_loss`, opaque to the trace.
         """
-        item_rows, neg_rows, context = self._lookup(batch, negatives)
-        states, tgt, _, out = self._states(batch, item_rows, context)
+        if isinstance(batch, Batch):  # eager callers: the step input is built here
+            batch = self.prepare(batch, negatives, neg_log_q)
+        ec_out, mc_out = sharded_lookups(self.sparse, batch)
+        return _retrieval_loss(self, batch, ec_out, mc_out)
+
+    def _loss(self, step: StepBatch, ec_out, mc_out) -> RetrievalOutput:
+        batch, negatives, neg_log_q = step.batch, step.negatives, step.neg_log_q
+        item_rows, neg_rows, context = step_rows(self.sparse, self.features, step, ec_out, mc_out)
+        states, tgt, _, out = self._states(step, item_rows, context)
         neg_emb = self._item_vectors(neg_rows)
         P = int(tgt.numel())
         if P == 0:  # keep every parameter in the graph so DDP/DMP steps stay aligned
@@ -182,8 +226,12 @@ class HSTURetrieval(nn.Module):
 
     def user_states(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(states [P, D] as scored, target raw ids [P], sequence row [P]) per target position."""
-        item_rows, _, context = self._lookup(batch, batch.item_ids.new_zeros(0))
-        states, tgt, rows, _ = self._states(batch, item_rows, context)
+        none = batch.item_ids.new_zeros(0)
+        step = self.prepare(batch, none, none.to(torch.float32))
+        item_rows, _, context = step_rows(
+            self.sparse, self.features, step, *sharded_lookups(self.sparse, step)
+        )
+        states, tgt, rows, _ = self._states(step, item_rows, context)
         return states, batch.item_ids[tgt], rows
 
     def item_embeddings(self, raw_ids: torch.Tensor) -> torch.Tensor:
@@ -237,6 +285,14 @@ class HSTURetrieval(nn.Module):
         last = (tok_len - 1).clamp_min(0)
         idx = last[:, None, None].expand(-1, 1, out.shape[-1])
         return self._scored(torch.gather(out, 1, idx)[:, 0])
+
+
+def _retrieval_loss(model: HSTURetrieval, step: StepBatch, ec_out, mc_out) -> RetrievalOutput:
+    """The loss after the sharded lookups (a plain call outside TorchRec's trace)."""
+    return model._loss(step, ec_out, mc_out)
+
+
+torch.fx.wrap("_retrieval_loss")
 
 
 def catalog_index(catalog_ids: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

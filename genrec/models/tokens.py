@@ -46,11 +46,26 @@ class Tokens:
     state_index: torch.Tensor  # int64 [T_events]: token read for event e
 
 
-def _local_index(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sequence row, index within the sequence) of every flat element."""
-    rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+@dataclass
+class TokenSizes:
+    """What the token layout's shapes depend on, as Python ints: passing them (the trainer
+    computes them on the host, `TokenBuilder.sizes`) saves the device reads of them."""
+
+    events: int  # sum of lengths
+    total: int  # tokens in all
+    max_len: int  # tokens of the longest sequence (0 without sequences)
+    all_nonempty: bool  # every sequence has an event
+
+
+def _local_index(lengths: torch.Tensor, total: int | None = None):
+    """(sequence row, index within the sequence) of every flat element (`total`: their
+    number, when known: no device read)."""
+    total = int(lengths.sum()) if total is None else total
+    rows = torch.repeat_interleave(
+        torch.arange(lengths.numel(), device=lengths.device), lengths, output_size=total
+    )
     starts = torch.cumsum(lengths, 0) - lengths
-    return rows, torch.arange(int(lengths.sum()), device=lengths.device) - starts[rows]
+    return rows, torch.arange(total, device=lengths.device) - starts[rows]
 
 
 class TokenBuilder(nn.Module):
@@ -86,6 +101,32 @@ class TokenBuilder(nn.Module):
                 "fix the source's action mapping"
             )
 
+    def _token_lengths(self, lengths: torch.Tensor, num_targets: torch.Tensor, candidates: bool):
+        """(tokens per sequence [B], candidates per sequence [B])."""
+        has_ctx = (lengths > 0).to(torch.int64) * len(self.context)
+        n_cand = num_targets if candidates else torch.zeros_like(lengths)
+        per_event = 2 if self.mode == "interleave" else 1
+        return has_ctx + per_event * (lengths - n_cand) + n_cand, n_cand
+
+    def sizes(
+        self,
+        actions: torch.Tensor,
+        lengths: torch.Tensor,
+        num_targets: torch.Tensor,
+        candidates: bool = False,
+    ) -> TokenSizes:
+        """The batch's `TokenSizes` (read on the host when the batch is there), after
+        checking its action codes."""
+        self.check_actions(actions)
+        lengths, num_targets = lengths.to(torch.int64), num_targets.to(torch.int64)
+        tok_len, _ = self._token_lengths(lengths, num_targets, candidates)
+        return TokenSizes(
+            events=int(lengths.sum()),
+            total=int(tok_len.sum()),
+            max_len=int(tok_len.max()) if lengths.numel() else 0,
+            all_nonempty=bool((lengths > 0).all()),
+        )
+
     def forward(
         self,
         item_emb: torch.Tensor,  # [T_events, Di]
@@ -95,20 +136,20 @@ class TokenBuilder(nn.Module):
         num_targets: torch.Tensor,  # [B]
         context_emb: dict[str, torch.Tensor] | None = None,  # feature -> [T_events, Df]
         candidates: bool = False,
+        sizes: TokenSizes | None = None,  # `sizes(...)` of this batch (None: read here)
     ) -> Tokens:
-        self.check_actions(actions)
+        if sizes is None:
+            sizes = self.sizes(actions, lengths, num_targets, candidates)
         lengths = lengths.to(torch.int64)
         num_targets = num_targets.to(torch.int64)
         device = item_emb.device
         B, C = lengths.numel(), len(self.context)
-        rows, t = _local_index(lengths)
+        rows, t = _local_index(lengths, sizes.events)
         hist = lengths - num_targets  # history events per sequence
         is_cand = (t >= hist[rows]) if candidates else torch.zeros_like(t, dtype=torch.bool)
-        has_ctx = (lengths > 0).to(torch.int64) * C
-        n_cand = num_targets if candidates else torch.zeros_like(lengths)
-        per_event = 2 if self.mode == "interleave" else 1
-        tok_len = has_ctx + per_event * (lengths - n_cand) + n_cand
+        tok_len, n_cand = self._token_lengths(lengths, num_targets, candidates)
         offsets = torch.cat([lengths.new_zeros(1), torch.cumsum(tok_len, 0)])
+        has_ctx = (lengths > 0).to(torch.int64) * C
         base = offsets[:-1][rows] + has_ctx[rows]
         if self.mode == "interleave":
             h = hist[rows]
@@ -116,7 +157,7 @@ class TokenBuilder(nn.Module):
             state_tok = torch.where(is_cand, item_tok, item_tok + 1)
         else:
             item_tok = state_tok = base + t
-        total = int(offsets[-1])
+        total = sizes.total
         items = self.item_proj(item_emb)
         acts = self.action_emb(torch.where(is_cand, self.num_actions, actions.to(torch.int64)))
         x = items.new_zeros(total, items.shape[-1]).index_add(0, item_tok, items)
@@ -130,20 +171,43 @@ class TokenBuilder(nn.Module):
         ts[item_tok] = timestamps.to(torch.int64)
         ts[state_tok] = timestamps.to(torch.int64)
         if C:
-            x, ts = self._add_context(x, ts, context_emb or {}, rows, t, hist, lengths, offsets)
+            nonempty = (
+                torch.arange(B, device=device)
+                if sizes.all_nonempty
+                else torch.nonzero(lengths > 0).flatten()
+            )
+            x, ts = self._add_context(
+                x, ts, context_emb or {}, rows, t, hist, lengths, offsets, nonempty
+            )
         return Tokens(
             x=self.dropout(x),
             offsets=offsets,
-            max_len=int(tok_len.max()) if B else 0,
+            max_len=sizes.max_len,
             timestamps=ts,
             num_targets=n_cand if candidates else None,
             state_index=state_tok,
         )
 
-    def _add_context(self, x, ts, context_emb, rows, t, hist, lengths, offsets):
-        """Write the C contextual tokens at the head of every non-empty sequence."""
+    def for_step(
+        self, item_rows: torch.Tensor, step, context: dict, candidates: bool = False
+    ) -> Tokens:
+        """`forward` on a StepBatch's sequences, with the sizes its host stage read."""
+        b = step.batch
+        return self(
+            item_rows,
+            b.actions,
+            b.timestamps,
+            b.lengths,
+            b.num_targets,
+            context,
+            candidates=candidates,
+            sizes=step.tokens,
+        )
+
+    def _add_context(self, x, ts, context_emb, rows, t, hist, lengths, offsets, nonempty):
+        """Write the C contextual tokens at the head of every non-empty sequence (rows
+        `nonempty`)."""
         B = lengths.numel()
-        nonempty = torch.nonzero(lengths > 0).flatten()
         in_hist = (t < hist[rows]).to(x.dtype)[:, None]
         count = torch.zeros(B, dtype=x.dtype, device=x.device).index_add(0, rows, in_hist[:, 0])
         first_ts = ts[offsets[:-1][nonempty] + len(self.context)]

@@ -5,6 +5,9 @@ model.task (tasks.py) and owns what every mode shares:
 
   train_step(batch, metrics)   one optimizer step on the task's loss; randomness is a pure
                                function of (seed, step, rank), so resumed == uninterrupted
+  prepare_step / train_pipelined  the same steps through TorchRec's train pipeline
+                               (trainer.pipeline; pipeline.py): the host half of each step
+                               prepared ahead, the forward with the step's lr and seed
   evaluate(batch, scores)      the task scores a batch with the current weights (no grad)
   save() / restore(path)       model + optimizer (DCP, any world size), the task's host
                                tensors per rank, and the runner's progress (`progress_state`)
@@ -14,7 +17,8 @@ model.task (tasks.py) and owns what every mode shares:
 Runners (stream_runner.py: one time-ordered pass; epochs.py: leave-one-out epochs) subclass
 it and add only their loop; `loop.run_worker` picks one by trainer.mode. Each stage of a step is a
 method labelled with `torch.profiler.record_function`, so a profile reads like the code:
-genrec.read_batch, genrec.evaluate, genrec.train_step, genrec.log, genrec.checkpoint.
+genrec.read_batch, genrec.evaluate, genrec.prepare_step, genrec.train_step, genrec.log,
+genrec.checkpoint.
 """
 
 from __future__ import annotations
@@ -29,11 +33,13 @@ import torch.distributed as dist
 from torch.profiler import record_function
 
 from genrec.config import Config, to_dict
+from genrec.data_pipeline.batch import StepBatch
 from genrec.trainer import checkpoint as ckpt
 from genrec.trainer.assembly import assemble
 from genrec.trainer.distributed import DistContext, all_reduce_, checkpoint_group
 from genrec.trainer.metrics_log import MetricsLogger
 from genrec.trainer.negatives import step_generator
+from genrec.trainer.pipeline import run_pipeline
 from genrec.trainer.progressive import WindowMetrics
 from genrec.trainer.tasks import build_task
 
@@ -185,27 +191,67 @@ class TrainerCore:
         for group in self.dense_optimizer.param_groups:
             group["lr"] = t.lr * scale
 
+    def _begin_step(self) -> None:
+        """Learning rates and the global RNG (dropout, pool picks) for step `self.step`."""
+        self.model.train()
+        self._set_learning_rates()
+        seed, rank = self.cfg.trainer.seed, self.ctx.rank
+        torch.manual_seed(seed * 7919 + self.step * 131 + rank)
+
+    def optimizer_step(self) -> None:
+        """Clip the dense gradients (trainer.grad_clip), step both optimizers, clear grads."""
+        if self.cfg.trainer.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.dense_params, self.cfg.trainer.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
     def train_step(self, batch, metrics: WindowMetrics, host_batch=None) -> torch.Tensor:
         """One optimizer step on `batch`; returns the loss (its mean over targets), detached
         and where it was computed: reading it is a host sync, left to the caller.
         `host_batch`: the same batch still on the host, for the task's host bookkeeping
         (no device-to-host copy of its ids); default `batch`."""
         with record_function("genrec.train_step"):
-            self.model.train()
-            self._set_learning_rates()
-            seed, rank = self.cfg.trainer.seed, self.ctx.rank
-            torch.manual_seed(seed * 7919 + self.step * 131 + rank)  # dropout, pool picks
+            self._begin_step()
             with self.autocast:
-                rng = step_generator(seed, self.step, rank)
+                rng = step_generator(self.cfg.trainer.seed, self.step, self.ctx.rank)
                 loss, n = self.task.loss(batch, rng, host_batch)
             loss.backward()
-            if self.cfg.trainer.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.dense_params, self.cfg.trainer.grad_clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer_step()
             loss = loss.detach()
             metrics.add_loss(loss, float(n))
             return loss
+
+    # ------------------------------------------------------------------ pipeline
+    @property
+    def pipelined(self) -> bool:
+        """trainer.pipeline is on and the task has a host `prepare` stage (tasks.py)."""
+        return self.cfg.trainer.pipeline == "sparse_dist" and hasattr(self.task, "prepare")
+
+    def prepare_step(self, host, step: int, **info) -> StepBatch:
+        """The host half of step `step` (pipeline.py): the task's bookkeeping, negatives
+        drawn with that step's generator, the lookup hashed. Call in step order."""
+        with record_function("genrec.prepare_step"):
+            rng = step_generator(self.cfg.trainer.seed, step, self.ctx.rank)
+            prepared = self.task.prepare(host, rng)
+            if self.ctx.device.type == "cuda":  # page-locked: the pipeline's copy is async
+                prepared = prepared.pin_memory()
+            prepared.step, prepared.info = step, info
+            return prepared
+
+    def pipelined_forward(self, step: StepBatch) -> tuple[torch.Tensor, tuple]:
+        """The forward TorchRec's pipeline calls for `step` (the same as the plain step's):
+        (loss, (detached loss, step))."""
+        if step.step != self.step:
+            raise RuntimeError(f"pipeline out of order: batch of step {step.step} at {self.step}")
+        self._begin_step()
+        with self.autocast:
+            loss = self.model(step).loss
+        return loss, (loss.detach(), step)
+
+    def train_pipelined(self, steps, on_step) -> None:
+        """Train on every StepBatch of the iterable `steps` through TorchRec's pipeline;
+        `on_step(loss, step)` after each optimizer step. Returns with nothing in flight."""
+        run_pipeline(self, steps, on_step)
 
     def log(self, kind: str, x: int, values: dict, window: int = -1) -> None:
         with record_function("genrec.log"):

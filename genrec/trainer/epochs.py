@@ -187,9 +187,20 @@ class EpochTrainer(TrainerCore):
         """Train one epoch, validate it (every eval_every-th and the last), checkpoint."""
         t0, t = time.time(), self.cfg.trainer
         wm = self.new_metrics(KS, "", "users")
-        for batch in self._rank_batches(self.train_view(train, epoch), t.seed * 1000 + epoch):
-            self.train_step(batch.to(self.ctx.device), wm)
-            self.step += 1
+        batches = self._rank_batches(self.train_view(train, epoch), t.seed * 1000 + epoch)
+        if self.pipelined:  # the whole epoch through TorchRec's pipeline, drained at its end
+            first = self.step
+            steps = (self.prepare_step(b, first + i) for i, b in enumerate(batches))
+
+            def on_step(loss, step):
+                wm.add_loss(loss, float(step.num_targets))
+                self.step += 1
+
+            self.train_pipelined(steps, on_step)
+        else:
+            for batch in batches:
+                self.train_step(batch.to(self.ctx.device), wm, batch)
+                self.step += 1
         self.task.sync()  # fold this epoch's training counts in on every rank
         s = wm.loss
         row = {"epoch": epoch, "loss": float(s[0] / s[1]) if s[1] > 0 else math.nan}

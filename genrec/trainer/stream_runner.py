@@ -6,6 +6,12 @@ per-task AUC against the item rate), train on it, log, and checkpoint every
 `trainer.checkpoint_every` steps. At each window end the per-window metrics are reduced
 across ranks and logged, the task's running state is synced, and a checkpoint is written
 with the stream position, so a resumed run continues exactly like an uninterrupted one.
+
+With trainer.pipeline=sparse_dist, once a window's evaluated batches (trainer.eval_batches)
+are done its remaining steps run through TorchRec's train pipeline (pipeline.py) in one
+segment per window, cut at each checkpoint and at max_steps: a segment prepares only the
+steps it trains and ends drained, so the saved position and task state are exact. The
+first batch of the next window, read to see the window end, waits in `pending`.
 """
 
 from __future__ import annotations
@@ -109,6 +115,36 @@ class StreamTrainer(TrainerCore):
         stream.close()
         return rows
 
+    def _step_limit(self) -> int | None:
+        """The step after which training must pause: the next checkpoint or max_steps."""
+        t = self.cfg.trainer
+        limits = [
+            s
+            for s in (
+                t.max_steps,
+                t.checkpoint_every and (self.step // t.checkpoint_every + 1) * t.checkpoint_every,
+            )
+            if s
+        ]
+        return min(limits) if limits else None
+
+    def _segment(self, first: tuple, it, stream, window: int, pending: list):
+        """Prepared steps from `first` (batch, input wait, position after it) on, while the
+        batches are of `window` and the step limit is not reached. The first batch of the
+        next window (or the stream's end) is left in `pending`, read but not prepared."""
+        step, limit = self.step, self._step_limit()
+        batch, t_input, position = first
+        while True:
+            yield self.prepare_step(batch, step, position=position, t_input=t_input)
+            step += 1
+            if limit is not None and step >= limit:
+                return
+            batch, t_input = self.read_batch(it)
+            position = stream.position
+            if batch is None or int(batch.windows[0]) != window:
+                pending.append((batch, t_input, position))
+                return
+
     def run(self, resume: bool = True, progress: bool = True) -> list[dict]:
         latest = ckpt.latest_checkpoint(self.run_dir) if resume else None
         if latest is not None:
@@ -122,8 +158,13 @@ class StreamTrainer(TrainerCore):
         it = iter(stream)
         window, metrics, t_window, evaluated = None, self.window_metrics(), time.time(), 0
         every = self.cfg.trainer.checkpoint_every
+        pending: list[tuple] = []  # a batch read but not trained: (batch, wait, position)
         while True:
-            batch, t_input = self.read_batch(it)
+            if pending:
+                batch, t_input, position_after = pending.pop()
+            else:
+                batch, t_input = self.read_batch(it)
+                position_after = stream.position
             b_window = None if batch is None else int(batch.windows[0])
             if window is not None and b_window != window:
                 row = self.end_window(window, metrics, t_window)
@@ -136,41 +177,31 @@ class StreamTrainer(TrainerCore):
             ):
                 break
             window = b_window
-            position_after = stream.position
-            host = batch
-            if self.ctx.device.type == "cuda":  # page-locked host copy: async H2D transfer
-                batch = batch.pin_memory()
-            batch = batch.to(self.ctx.device, non_blocking=True)
-            t1 = time.perf_counter()
-            if self._should_evaluate(evaluated):
-                self.evaluate(batch, metrics.scores)
-                evaluated += 1
-            loss = self.train_step(batch, metrics, host)
-            self.step += 1
-            self.position = position_after
-            t_step = time.perf_counter() - t1 + t_input
-            # the only host sync of a step: the loss, every log_every steps
-            log_now = self.step % self.cfg.trainer.log_every == 0
-            if log_now:
-                loss = float(loss)
-            if self.ctx.is_main and log_now:
-                n = self.ctx.world_size
-                self.log(
-                    "step",
-                    self.step,
-                    {
-                        "loss": loss,
-                        "samples_per_s": batch.batch_size * n / t_step,
-                        "tokens_per_s": batch.num_tokens * n / t_step,
-                        "input_stall": t_input / t_step,
-                    },
-                    window,
-                )
-            if bar is not None:
-                bar.update(1)
-                if log_now:
-                    bar.set_postfix(window=window, loss=f"{loss:.3f}")
-            if every and self.step % every == 0:
+            if self.pipelined and not self._should_evaluate(evaluated):
+                # the rest of the window (up to a checkpoint) through TorchRec's pipeline
+                first = (batch, t_input, position_after)
+                t_last = [time.perf_counter()]
+
+                def on_step(loss, step, metrics=metrics, window=window, t_last=t_last):
+                    metrics.add_loss(loss, float(step.num_targets))
+                    now = time.perf_counter()
+                    self._after_step(loss, step.batch, step.info, now - t_last[0], window, bar)
+                    t_last[0] = now
+
+                self.train_pipelined(self._segment(first, it, stream, window, pending), on_step)
+            else:
+                host = batch
+                if self.ctx.device.type == "cuda":  # page-locked host copy: async H2D transfer
+                    batch = batch.pin_memory()
+                batch = batch.to(self.ctx.device, non_blocking=True)
+                t1 = time.perf_counter()
+                if self._should_evaluate(evaluated):
+                    self.evaluate(batch, metrics.scores)
+                    evaluated += 1
+                loss = self.train_step(batch, metrics, host)
+                info = {"position": position_after, "t_input": t_input}
+                self._after_step(loss, batch, info, time.perf_counter() - t1 + t_input, window, bar)
+            if every and self.step % every == 0 and self.step != self._saved_step:
                 self.save()
         stream.close()
         if self.step != self._saved_step:  # stopped by max_steps: leave a checkpoint there
@@ -180,6 +211,32 @@ class StreamTrainer(TrainerCore):
             bar.close()
         self.logger.close()
         return self.history
+
+    def _after_step(self, loss, batch, info: dict, t_step: float, window: int, bar) -> None:
+        """Count the step, move the resume position past its batch, log every log_every."""
+        self.step += 1
+        self.position = info["position"]
+        # the only host sync of a step: the loss, every log_every steps
+        log_now = self.step % self.cfg.trainer.log_every == 0
+        if log_now:
+            loss = float(loss)
+        if self.ctx.is_main and log_now:
+            n = self.ctx.world_size
+            self.log(
+                "step",
+                self.step,
+                {
+                    "loss": loss,
+                    "samples_per_s": batch.batch_size * n / t_step,
+                    "tokens_per_s": batch.num_tokens * n / t_step,
+                    "input_stall": info["t_input"] / t_step,
+                },
+                window,
+            )
+        if bar is not None:
+            bar.update(1)
+            if log_now:
+                bar.set_postfix(window=window, loss=f"{loss:.3f}")
 
 
 def format_row(row: dict) -> str:

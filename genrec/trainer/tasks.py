@@ -6,6 +6,10 @@ The core (core.py) knows neither the mode nor the task; it calls a `Task`:
                           covers; a task keeps its own bookkeeping here (retrieval: item
                           frequencies for its negative sampler and baseline), from `host`
                           (the batch before its device copy; None: `batch`)
+  prepare(host, rng)      optional, what TorchRec's train pipeline needs: the host half of
+                          `loss` (bookkeeping, negatives, hashing) as a `StepBatch` whose
+                          `model(step)` gives the loss; `loss` is then prepare + forward.
+                          Tasks without it train with the plain step (trainer.pipeline ignored)
   new_metrics(...)        an accumulator of the task's progressive metrics
   evaluate(batch, m)      score `batch` with the current weights into `m` (before training)
   sync()                  fold the ranks' running state together (window / epoch end)
@@ -22,12 +26,13 @@ The core (core.py) knows neither the mode nor the task; it calls a `Task`:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Protocol
 
 import torch
 
 from genrec.config import Config
-from genrec.data_pipeline.batch import Batch
+from genrec.data_pipeline.batch import Batch, StepBatch
 from genrec.embeddings.frequency import FrequencyState, PopularitySampler
 from genrec.models.ranking import candidate_events
 from genrec.models.retrieval import target_events
@@ -97,18 +102,22 @@ class RetrievalTask:
         num = int(target_events(batch)[0].numel()) if self.per_position else None
         return sampler.sample(rng, num)
 
-    def loss(
-        self, batch: Batch, rng: torch.Generator, host: Batch | None = None
-    ) -> tuple[torch.Tensor, int]:
-        host = batch if host is None else host  # host ids: no device-to-host copy
-        items = host.item_ids.cpu()[batch_target_mask(host)]  # each event once, as a target
+    def prepare(self, host: Batch, rng: torch.Generator) -> StepBatch:
+        """Host half of a step, in step order: count the batch's items (sampler and
+        baseline; the baseline was scored on this batch before), draw the negatives, hash
+        the lookup. Reads no device state, so it may run steps ahead of the forward."""
+        host = _on_host(host)
+        items = host.item_ids[batch_target_mask(host)]  # each event once, as a target
         self.frequency.add_(items)
         self.popular.add(items)
         negatives, neg_log_q = self._negatives(host, rng)
-        out = self.model(batch, negatives.to(self.device), neg_log_q.to(self.device))
-        # the baseline is scored before this batch's loss and learns from it after
         self.baseline.update(items)
-        return out.loss, int(out.num_targets)
+        return self.model.module.prepare(host, negatives, neg_log_q)
+
+    def loss(
+        self, batch: Batch, rng: torch.Generator, host: Batch | None = None
+    ) -> tuple[torch.Tensor, int]:
+        return _prepared_loss(self, batch, rng, host)
 
     def new_metrics(self, ks: tuple[int, ...], model_prefix: str, count_key: str):
         return TopKMetrics(ks, model_prefix, count_key)
@@ -197,13 +206,19 @@ class RankingTask:
         self.selection_sign = 1.0 if binary else -1.0
         self.baseline = ItemRateBaseline(catalog, len(self.tasks))
 
+    def prepare(self, host: Batch, rng: torch.Generator) -> StepBatch:
+        """Host half of a step: the item-rate baseline learns the candidates' labels (read
+        from the host batch, no device readback), the lookup is hashed."""
+        host = _on_host(host)
+        module = self.model.module
+        cand, _ = candidate_events(host)
+        self.baseline.update(host.item_ids[cand], module.labels(host, cand))
+        return module.prepare(host)
+
     def loss(
         self, batch: Batch, rng: torch.Generator, host: Batch | None = None
     ) -> tuple[torch.Tensor, int]:
-        out = self.model(batch)  # its labels come back to the host for the baseline
-        cand, _ = candidate_events(batch)
-        self.baseline.update(batch.item_ids[cand].cpu(), out.labels.detach().cpu())
-        return out.loss, int(out.num_targets)
+        return _prepared_loss(self, batch, rng, host)
 
     def new_metrics(self, ks: tuple[int, ...], model_prefix: str, count_key: str):
         return RankingMetrics(self.tasks, self.regression, model_prefix, count_key)
@@ -246,6 +261,17 @@ def describe_ranking(row: dict, prefix: str = "") -> str:
                 f"{task} AUC {row[key]:.4f} (item rate {row[f'{root}item_rate/{task}.auc']:.4f})"
             )
     return "  ".join(parts)
+
+
+def _on_host(batch: Batch) -> Batch:
+    return batch if batch.item_ids.device.type == "cpu" else batch.to("cpu")
+
+
+def _prepared_loss(task, batch: Batch, rng: torch.Generator, host: Batch | None):
+    """The plain step's loss of a task with `prepare`: prepared from the host batch, the
+    sequences already on the device (`batch`) reused."""
+    step = replace(task.prepare(batch if host is None else host, rng), batch=batch)
+    return task.model(step.to(task.device)).loss, step.num_targets
 
 
 def _part(tensors: Tensors, prefix: str) -> dict:
