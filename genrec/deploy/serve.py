@@ -16,7 +16,9 @@ Bad requests get 4xx with {"detail": "<field>: <what is wrong>", "field": ...}, 
 body over deploy.max_body_bytes. Concurrent requests are batched (Ray Serve `serve.batch`)
 into one program call; raw ids are hashed in numpy exactly as in training (unseen ids too;
 a direct item table refuses an id it has no row for, 422 naming it).
-The proxy binds 127.0.0.1 unless a host is given.
+The service binds 127.0.0.1 unless a host is given. A Ray started by genrec serves through
+Ray Serve's HAProxy ingress with all its listeners on loopback (genrec.deploy.ingress: ~1 ms
+of server CPU per request instead of ~6 ms through the Python proxy actor).
 """
 
 # no `from __future__ import annotations` here: FastAPI must see the real `Request` class
