@@ -221,8 +221,31 @@ def direct_breakdown(artifact: Path, bodies: list[dict], batch: int, n: int, thr
     out = {"threads": threads}
     for name, reqs in (("one", bodies[:1]), (f"batch{batch}", bodies[:batch])):
         out.update({f"{name}_{s}_p50_ms": v for s, v in stage_p50s(art, reqs, n).items()})
+    out.update(request_p50s(art, bodies[0], n))
     out["backend"] = art.backend
     return out
+
+
+def request_p50s(art, body: dict, n: int) -> dict:
+    """p50 ms of what the replica does per request around the model: validating the JSON
+    body (pydantic + the artifact's limits) and encoding the JSON reply."""
+    from fastapi.encoders import jsonable_encoder
+    from fastapi.responses import JSONResponse
+
+    from genrec.deploy.requests import RecommendRequest, check_recommend, parse
+
+    raw = json.dumps(body).encode()
+    rec = art.recommend([body["history"]], body["k"], [body["timestamps"]])[0]
+
+    def validate():
+        req = parse(RecommendRequest, raw)
+        check_recommend(req, art.limits, art.cfg.model.num_actions, art.item_hashing)
+
+    def reply() -> bytes:  # as FastAPI answers a handler that returns a dict
+        content = {"item_ids": rec.ids.tolist(), "scores": rec.scores.tolist()}
+        return JSONResponse(jsonable_encoder(content)).body
+
+    return {"one_validate_p50_ms": p50_ms(validate, n), "one_reply_json_p50_ms": p50_ms(reply, n)}
 
 
 def main() -> int:
