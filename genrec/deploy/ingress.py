@@ -10,8 +10,8 @@ must be set before Ray starts. With `RAY_SERVE_ENABLE_HA_PROXY=1` (Ray's high-th
 mode) HAProxy, written in C, accepts the connections and forwards each request straight to a
 replica's own HTTP server (Serve's direct ingress); without it every request goes through
 Ray Serve's Python proxy actor and a Ray actor call. Measured on a 2-core box
-(benchmarks/RESULTS.md, issue 22): ~6.5 ms of CPU per request on the proxy path (proxy 3.2,
-replica 3.3) against ~0.9 ms with HAProxy (HAProxy 0.1, replica 0.8).
+(benchmarks/RESULTS.md, issue 22): ~6.7 ms of CPU per request on the proxy path (proxy 3.3,
+replica 3.4) against ~0.9 ms with HAProxy (HAProxy 0.1, replica 0.8).
 
 Ray 2.60's HAProxy config binds its metrics and stats listeners on every interface at fixed
 ports (9101, 8404) and its fallback proxy at a fixed port (8500). For a Ray that stays on
@@ -85,8 +85,9 @@ def haproxy_binary() -> str:
 
 
 def loopback_haproxy(real: str, folder: str = "") -> str:
-    """Write the wrapper that runs `real` on 127.0.0.1 only into `folder` (default: one
-    folder per user under the temp dir, rewritten only when `real` changes); its path."""
+    """Write the wrapper that runs `real` with its metrics and stats listeners on 127.0.0.1
+    into `folder` (default: one folder per user under the temp dir, rewritten only when
+    `real` changes); its path."""
     text = _WRAPPER.format(real=real.replace("'", ""))
     folder = Path(folder or Path(tempfile.gettempdir()) / f"genrec-haproxy-{os.getuid()}")
     folder.mkdir(mode=0o700, exist_ok=True)
@@ -101,7 +102,8 @@ def loopback_haproxy(real: str, folder: str = "") -> str:
 
 def serve_ingress_env() -> dict[str, str]:
     """Environment for the Serve processes of a Ray started on 127.0.0.1: the HAProxy
-    ingress (when an HAProxy binary exists) with its listeners on loopback and free ports,
+    ingress (when an HAProxy binary exists) with its metrics and stats on loopback and free
+    ports,
     and a short drain at shutdown (Serve's 30 s default suits rolling updates in a cluster,
     not a local service being stopped)."""
     env = {
