@@ -8,11 +8,18 @@ Without --artifact it builds a fresh small HSTU retriever (untrained weights: la
 not depend on them), writes a one-process checkpoint and an item catalog into a temp dir,
 exports it (AOTInductor unless --no-aot) and serves it with Ray Serve. Histories are random
 catalog ids with increasing timestamps. Prints ONE JSON line: p50/p99 latency, throughput,
-error count. Progress goes to stderr; nothing is written into the repository.
+error count, and CPU ms per request by process over the timed requests (Linux /proc): the
+client (this process), the Ray it started by role (Serve's Python proxy, HAProxy, replica,
+controller, the rest of Ray) and `other` (everyone else's load on the same cores).
+Progress goes to stderr; nothing is written into the repository.
+
+--ingress haproxy (default, Ray Serve's HAProxy ingress) or proxy (Serve's Python proxy
+actor); --client aiohttp (default, ~0.2 ms of client CPU per request) or httpx (~1.5 ms).
 
 --direct times the same requests in this process, without Ray Serve or HTTP: p50 of
 `Artifact.recommend` for one request and for a batch of --concurrency requests, and of its
-stages (hashing + padding, the encoder program, the index search).
+stages (hashing + padding, the encoder program, the index search), and of validating one
+request body and encoding its JSON reply.
 """
 
 from __future__ import annotations
@@ -58,7 +65,8 @@ def make_artifact(work: Path, items: int, max_len: int, aot: bool) -> Path:
     return work / "artifact"
 
 
-async def load(url: str, bodies: list[dict], concurrency: int) -> tuple[list[float], int, float]:
+async def load_httpx(url: str, bodies: list[dict], concurrency: int):
+    """The previous client: httpx.AsyncClient (~1.5-1.8 ms of client CPU per request)."""
     import httpx
 
     latencies: list[float] = []
@@ -84,6 +92,100 @@ async def load(url: str, bodies: list[dict], concurrency: int) -> tuple[list[flo
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         wall = time.perf_counter() - t0
     return latencies, errors, wall
+
+
+async def load_aiohttp(url: str, bodies: list[dict], concurrency: int):
+    """A lean client: aiohttp, one keep-alive connection per worker, bodies encoded up front
+    (the client shares the cores with the server, so its CPU per request is the server's loss)."""
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+    queue = [(json.dumps(b).encode(), b["k"]) for b in reversed(bodies)]
+    headers = {"content-type": "application/json"}
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal errors
+        while queue:
+            body, k = queue.pop()
+            t0 = time.perf_counter()
+            try:
+                async with session.post(f"{url}/recommend", data=body, headers=headers) as r:
+                    reply = await r.read()
+                ok = r.status == 200 and len(json.loads(reply)["item_ids"]) == k
+            except (aiohttp.ClientError, ValueError, KeyError):
+                ok = False
+            latencies.append(time.perf_counter() - t0)
+            errors += 0 if ok else 1
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=60.0)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return latencies, errors, wall
+
+
+CLIENTS = {"aiohttp": load_aiohttp, "httpx": load_httpx}
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+# process roles by their command line, first match wins (Ray names its actors "ray::Class")
+ROLES = (
+    ("haproxy", "haproxy"),
+    ("ProxyActor", "proxy"),
+    ("ServeReplica", "replica"),
+    ("ServeController", "controller"),
+)
+
+
+def cpu_by_role() -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) of every process on the box by role (Linux /proc): this
+    process is the client, the Ray it started (its descendants) by actor name, anything else
+    is other people's load on the same cores."""
+    tick, me = os.sysconf("SC_CLK_TCK"), os.getpid()
+    stats: dict[int, tuple[int, float]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(d)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+
+    def ours(pid: int) -> bool:
+        while pid > 1 and pid != me:
+            pid = stats.get(pid, (0, 0.0))[0]
+        return pid == me
+
+    out = {}
+    for pid, (_, t) in stats.items():
+        if pid == me:
+            role = "client"
+        elif ours(pid):
+            cmd = _cmdline(pid)
+            role = next((r for k, r in ROLES if k in cmd), "ray_core")
+        else:
+            role = "other"
+        out[pid] = (role, t)
+    return out
+
+
+def cpu_ms_per_request(before: dict, after: dict, requests: int) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for pid, (role, t) in after.items():
+        total[role] = total.get(role, 0.0) + t - before.get(pid, (role, 0.0))[1]
+    return {f"cpu_ms_{r}": round(1000.0 * t / requests, 3) for r, t in sorted(total.items())}
 
 
 def p50_ms(fn, n: int) -> float:
@@ -126,8 +228,31 @@ def direct_breakdown(artifact: Path, bodies: list[dict], batch: int, n: int, thr
     out = {"threads": threads}
     for name, reqs in (("one", bodies[:1]), (f"batch{batch}", bodies[:batch])):
         out.update({f"{name}_{s}_p50_ms": v for s, v in stage_p50s(art, reqs, n).items()})
+    out.update(request_p50s(art, bodies[0], n))
     out["backend"] = art.backend
     return out
+
+
+def request_p50s(art, body: dict, n: int) -> dict:
+    """p50 ms of what the replica does per request around the model: validating the JSON
+    body (pydantic + the artifact's limits) and encoding the JSON reply."""
+    from fastapi.encoders import jsonable_encoder
+    from fastapi.responses import JSONResponse
+
+    from genrec.deploy.requests import RecommendRequest, check_recommend, parse
+
+    raw = json.dumps(body).encode()
+    rec = art.recommend([body["history"]], body["k"], [body["timestamps"]])[0]
+
+    def validate():
+        req = parse(RecommendRequest, raw)
+        check_recommend(req, art.limits, art.cfg.model.num_actions, art.item_hashing)
+
+    def reply() -> bytes:  # as FastAPI answers a handler that returns a dict
+        content = {"item_ids": rec.ids.tolist(), "scores": rec.scores.tolist()}
+        return JSONResponse(jsonable_encoder(content)).body
+
+    return {"one_validate_p50_ms": p50_ms(validate, n), "one_reply_json_p50_ms": p50_ms(reply, n)}
 
 
 def main() -> int:
@@ -143,6 +268,13 @@ def main() -> int:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--direct", action="store_true", help="in-process stage timings, no HTTP")
+    p.add_argument("--client", choices=sorted(CLIENTS), default="aiohttp")
+    p.add_argument(
+        "--ingress",
+        choices=("haproxy", "proxy"),
+        default="haproxy",
+        help="Ray Serve's HAProxy ingress (genrec's default) or its Python proxy actor",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: serve's default)")
     args = p.parse_args()
 
@@ -180,17 +312,22 @@ def main() -> int:
             os.dup2(stdout_fd, 1)
             print(json.dumps({"bench": "serve_direct", "history": n_hist, **result}))
             return 0
-        log("starting Ray Serve")
+        log(f"starting Ray Serve ({args.ingress} ingress)")
+        # read by the Ray that serve() starts (genrec.deploy.ingress)
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if args.ingress == "haproxy" else "0"
         handle = serve(str(artifact), port=free_port(), blocking=False, threads=args.threads)
         try:
             log(
                 f"warmup {args.warmup}, then {args.requests} requests at concurrency "
                 f"{args.concurrency} against {handle.url}"
             )
+            load = CLIENTS[args.client]
             asyncio.run(load(handle.url, bodies[: args.warmup], args.concurrency))
+            cpu0, load0 = cpu_by_role(), os.getloadavg()[0]
             lat, errors, wall = asyncio.run(
                 load(handle.url, bodies[args.warmup :], args.concurrency)
             )
+            cpu = cpu_ms_per_request(cpu0, cpu_by_role(), args.requests)
         finally:
             handle.shutdown()
     sys.stdout.flush()
@@ -202,6 +339,8 @@ def main() -> int:
                 "bench": "serve",
                 "requests": args.requests,
                 "concurrency": args.concurrency,
+                "client": args.client,
+                "ingress": args.ingress,
                 "history": n_hist,
                 "k": args.k,
                 "items": manifest["index"]["items"],
@@ -212,6 +351,8 @@ def main() -> int:
                 "mean_ms": round(float(ms.mean()), 2),
                 "throughput_rps": round(args.requests / wall, 1),
                 "errors": errors,
+                **cpu,
+                "load1": [round(load0, 2), round(os.getloadavg()[0], 2)],
                 "export_s": round(export_s, 1),
                 "cpus": os.cpu_count(),
             }

@@ -41,6 +41,9 @@ def init_ray(
         # resolution off for this process and everything Ray spawns from it.
         from ray._private import ray_constants
 
+        from genrec.deploy.ingress import serve_ingress_env
+
+        os.environ.update(serve_ingress_env())  # Serve's HAProxy ingress, on loopback
         os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
         ray_constants.ENABLE_RAY_CLUSTER = False
         ray.init(

@@ -1,8 +1,12 @@
-"""The HTTP service over Ray Serve: real requests on 127.0.0.1, results equal the eager
-model's offline top-K, and every bad request gets a 4xx whose message names the field."""
+"""The HTTP service over Ray Serve: real requests on 127.0.0.1 through Serve's HAProxy
+ingress (all of its listeners on loopback), results equal the eager model's offline top-K
+whether requests arrive alone or batched, and every bad request gets a 4xx whose message
+names the field."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -62,6 +66,106 @@ def test_recommend_equals_offline_eager_top_k(service, deploy_env, eager_model):
         assert r.status_code == 200, r.text
         assert r.json()["item_ids"] == i.tolist()
         assert np.abs(np.array(r.json()["scores"]) - s).max() < 1e-5
+
+
+def test_batched_and_single_replies_equal_artifact_recommend(service, deploy_env):
+    """The same 10 requests one at a time (batches of 1) and 10 at once (the replica's
+    serve.batch groups them): both equal Artifact.recommend offline."""
+    seqs = deploy_env.seqs[:10]
+    bodies = [_body(s, k=8) for s in seqs]
+    alone = [service.post("/recommend", json=b).json() for b in bodies]
+    with ThreadPoolExecutor(10) as pool:
+        together = [
+            r.json() for r in pool.map(lambda b: service.post("/recommend", json=b), bodies)
+        ]
+    offline = Artifact(deploy_env.root / "artifact-retrieval").recommend(
+        [s["item_id"] for s in seqs], 8, [s["timestamp"] for s in seqs], [s["action"] for s in seqs]
+    )
+    for a, t, o in zip(alone, together, offline):
+        assert a["item_ids"] == t["item_ids"] == o.ids.tolist()
+        assert np.abs(np.array(a["scores"]) - o.scores).max() < 1e-5
+        assert np.abs(np.array(t["scores"]) - o.scores).max() < 1e-5
+
+
+def _listeners(pid: int) -> list[str]:
+    """host:port of every TCP socket that `pid` listens on (Linux /proc)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    out = []
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/{pid}/net/{table}") as f:
+            for row in list(f)[1:]:
+                cols = row.split()
+                if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                    host, port = cols[1].split(":")
+                    out.append(f"{_ip(host)}:{int(port, 16)}")
+    return out
+
+
+def _ip(hex_addr: str) -> str:
+    if len(hex_addr) == 8:
+        return ".".join(str(int(hex_addr[i : i + 2], 16)) for i in (6, 4, 2, 0))
+    return "ipv6:" + hex_addr  # never loopback in the form we look for
+
+
+def test_served_through_haproxy_on_loopback_only(service):
+    """The service port belongs to HAProxy (Serve's HAProxy ingress), and every listener of
+    every HAProxy process is on 127.0.0.1 (the service as asked; Ray's own config binds the
+    metrics and stats ports on all interfaces, genrec's wrapper moves them to loopback)."""
+    port = int(str(service.base_url).rstrip("/").rsplit(":", 1)[1])
+    pids = [
+        int(p)
+        for p in os.listdir("/proc")
+        if p.isdigit() and b"haproxy.cfg.loopback" in _cmdline_bytes(int(p))
+    ]
+    assert pids, "no HAProxy started by genrec's loopback wrapper"
+    listeners = [a for pid in pids for a in _listeners(pid)]
+    assert f"127.0.0.1:{port}" in listeners
+    assert len(listeners) >= 3  # the service, HAProxy's metrics and its stats page
+    assert all(a.startswith("127.0.0.1:") for a in listeners), listeners
+
+
+def _cmdline_bytes(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def test_haproxy_wrapper_binds_loopback_and_refuses_other_hosts(tmp_path):
+    """The wrapper moves HAProxy's metrics and stats listeners (ports from the environment)
+    from all interfaces to 127.0.0.1, leaves the service's listener where it was asked for,
+    hands HAProxy the rewritten config (other arguments kept in order) and refuses a metrics
+    or stats listener on any other address."""
+    from genrec.deploy.ingress import loopback_haproxy
+
+    real = tmp_path / "real"
+    real.write_text('#!/bin/sh\necho "$@"\n')
+    real.chmod(0o700)
+    wrapper = loopback_haproxy(str(real), str(tmp_path))
+    env = {**os.environ, "RAY_SERVE_HAPROXY_METRICS_PORT": "9101"}
+    env["RAY_SERVE_HAPROXY_STATS_PORT"] = "8404"
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text("frontend a\n    bind :9101\nfrontend b\n    bind *:80\n  bind *:8404\n")
+    run = subprocess.run([wrapper, "-db", "-f", str(cfg), "-sf", "7"], capture_output=True, env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.decode().split() == ["-db", "-f", f"{cfg}.loopback", "-sf", "7"]
+    binds = [
+        ln.split()[1]
+        for ln in (tmp_path / "haproxy.cfg.loopback").read_text().splitlines()
+        if ln.strip().startswith("bind")
+    ]
+    assert binds == ["127.0.0.1:9101", "*:80", "127.0.0.1:8404"]
+    cfg.write_text("frontend a\n    bind 192.0.2.2:8404\n")
+    run = subprocess.run([wrapper, "-f", str(cfg)], capture_output=True, env=env)
+    assert run.returncode == 1 and b"not on 127.0.0.1" in run.stderr and not run.stdout
 
 
 def test_recommend_without_exclusion_and_defaults(service, deploy_env, eager_model):
