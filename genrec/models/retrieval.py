@@ -43,13 +43,18 @@ class RetrievalOutput:
     num_candidates: int  # columns of the softmax per position
 
 
+def _target_counts(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lengths, first target event per sequence (>= 1), target positions per sequence)."""
+    lengths = batch.lengths.to(torch.int64)
+    first = torch.clamp(lengths - batch.num_targets.to(torch.int64), min=1)
+    return lengths, first, torch.clamp(lengths - first, min=0)
+
+
 def target_events(batch: Batch, num: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(flat index of each target event with a preceding event, its sequence row); `num`:
     how many there are, when known (no device read)."""
-    lengths = batch.lengths.to(torch.int64)
+    lengths, first, n = _target_counts(batch)
     offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
-    first = torch.clamp(lengths - batch.num_targets.to(torch.int64), min=1)
-    n = torch.clamp(lengths - first, min=0)
     num = int(n.sum()) if num is None else num
     rows = torch.repeat_interleave(
         torch.arange(lengths.numel(), device=lengths.device), n, output_size=num
@@ -137,7 +142,6 @@ class HSTURetrieval(nn.Module):
         """The step's input: the one lookup KJT (sequences + negatives) hashed into table
         rows, split by collection; on the batch's device (the trainer: on the host)."""
         groups = self.sparse.row_groups(lookup_kjt(batch, self.features, negatives))
-        tgt, _ = target_events(batch)
         sizes = self.tokens.sizes(batch.actions, batch.lengths, batch.num_targets)
         return StepBatch(
             batch=batch,
@@ -147,7 +151,7 @@ class HSTURetrieval(nn.Module):
             negatives=negatives.to(torch.int64),
             neg_log_q=neg_log_q,
             num_events=int(batch.item_ids.numel()),
-            num_targets=int(tgt.numel()),
+            num_targets=int(_target_counts(batch)[2].sum()),
             tokens=sizes,
         )
 

@@ -24,6 +24,7 @@ genrec.checkpoint.
 from __future__ import annotations
 
 import json
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -75,6 +76,9 @@ class TrainerCore:
             if cfg.trainer.bf16 and ctx.device.type == "cuda"
             else nullcontext()
         )
+        self._pipeline_off = self._pipeline_off_reason()
+        if cfg.trainer.pipeline == "sparse_dist" and self._pipeline_off and ctx.is_main:
+            print(f"trainer.pipeline: plain steps: {self._pipeline_off}", file=sys.stderr)
 
     def new_metrics(self, ks: tuple[int, ...], model_prefix: str, count_key: str):
         return WindowMetrics(self.task.new_metrics(ks, model_prefix, count_key))
@@ -224,8 +228,18 @@ class TrainerCore:
     # ------------------------------------------------------------------ pipeline
     @property
     def pipelined(self) -> bool:
-        """trainer.pipeline is on and the task has a host `prepare` stage (tasks.py)."""
-        return self.cfg.trainer.pipeline == "sparse_dist" and hasattr(self.task, "prepare")
+        """trainer.pipeline is on and this run can take it (`_pipeline_off_reason`)."""
+        return self.cfg.trainer.pipeline == "sparse_dist" and self._pipeline_off is None
+
+    def _pipeline_off_reason(self) -> str | None:
+        """Why trainer.pipeline=sparse_dist runs plain steps here (None: it does not)."""
+        if not hasattr(self.task, "prepare"):
+            return f"task {self.cfg.model.task!r} has no host prepare stage (tasks.py)"
+        sparse = getattr(self.model.module, "sparse", None)
+        if getattr(sparse, "mc_ec", None) is not None:
+            # they train on GPU only (no CPU kernel), so no test runs them pipelined
+            return "managed-collision tables are not pipelined (untested)"
+        return None
 
     def prepare_step(self, host, step: int, **info) -> StepBatch:
         """The host half of step `step` (pipeline.py): the task's bookkeeping, negatives
