@@ -180,6 +180,11 @@ def test_time_bucket_is_exact_integer_arithmetic():
     assert torch.equal(time_bucket(-dt, 64), want)
     for nb in (1, 2, 7, 64, 128):
         assert torch.equal(time_bucket(dt, nb), want.clamp_max(nb - 1)), nb
+    fits = dt < 2**31  # the int32 path (the grouped plan's gaps), written into int32 `out`
+    out = torch.empty(int(fits.sum()), dtype=torch.int32)
+    for nb in (2, 64, 128):
+        time_bucket(-dt[fits].to(torch.int32), nb, out=out)
+        assert torch.equal(out, want[fits].clamp_max(nb - 1).to(torch.int32)), nb
 
 
 def test_length_groups_do_not_pad_short_sequences_to_the_longest():
@@ -223,6 +228,32 @@ def test_grouped_backend_matches_reference_outputs_and_all_grads(with_targets, b
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
     for g in g_got[3:]:  # the bias tables really receive gradient
         assert float(g.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("with_targets", [False, True])
+def test_grouped_dense_groups_match_reference(with_targets, monkeypatch):
+    """Full rows (every group dense: Q/K/V read as views, results written in place), chunked
+    into several dense groups, with gaps past 2^31 s in one batch (the plan's int64 gaps) and
+    under it in another (int32 gaps): outputs and all gradients against the reference."""
+    import genrec.models.jagged as jagged
+
+    monkeypatch.setattr(jagged, "GROUP_SCORE_ELEMS", 3 * H * 24 * 24)  # chunks of 3 rows
+    for gap in (40, 3 * 10**9):
+        q, k, v, offsets, _, pb, tb, nt = random_batch([24] * 7, seed=11, with_targets=True)
+        nt = nt if with_targets else None
+        ts = torch.cumsum(torch.randint(0, gap, (q.shape[0],)), 0)
+        plan = attention_plan(offsets, 24, H, ts, pb, tb, nt, "length")
+        assert [g.G for g in plan.groups] == [3, 3, 1]
+        assert [g.start for g in plan.groups] == [0, 72, 144]  # dense: contiguous rows
+        kw = dict(timestamps=ts, pos_bias=pb, time_bias=tb, num_targets=nt)
+        want = hstu_attention(q, k, v, offsets, 24, backend="reference", **kw)
+        got = hstu_attention(q, k, v, offsets, 24, plan=plan, **kw)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        w = torch.randn_like(want)
+        g_want = torch.autograd.grad((want * w).sum(), (q, k, v, pb, tb))
+        g_got = torch.autograd.grad((got * w).sum(), (q, k, v, pb, tb))
+        for name, a, b in zip("q k v pos time".split(), g_got, g_want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"{name} gap {gap}")
 
 
 def test_grouped_plan_is_shared_and_checked():
