@@ -31,7 +31,6 @@ import torch.nn.functional as F
 
 from genrec.models.jagged import length_groups, lengths_from_offsets, padded_rows
 
-KEEP_SCORES = True
 _PLAN_SLICE_ELEMS = 1 << 20  # (i, j) pairs whose time gaps are built at once
 
 
@@ -59,9 +58,9 @@ class AttentionPlan:
     scratch: dict = field(default_factory=dict)  # dtype -> flat buffer for one group's A / dA
 
     def score_buffer(self, g: _Group, heads: int, like: torch.Tensor) -> torch.Tensor:
-        """A [G * H, L, L] buffer for group g's A (then dA), shared by every group and layer
-        that uses this plan: one allocation per step instead of one per group, layer and
-        direction (each fresh [G, L, L] block costs page faults as well as memory)."""
+        """A [G * H, L, L] buffer for group g's A (then dA) in the backward, shared by every
+        group and layer of this plan: one allocation per step instead of one per group and
+        layer (each fresh [G, L, L] block costs page faults as well as memory)."""
         n = g.G * heads * g.L * g.L
         buf = self.scratch.get(like.dtype)
         if buf is None or buf.numel() < n:
@@ -150,9 +149,7 @@ def plan_attention(
             else:
                 ts = timestamps[start : start + G * L].view(G, L)
             index = _time_index(ts, num_time, index)
-        groups.append(
-            _Group(L, G, start, flat, sel, dst, scale[:, :, None, None], index, allowed)
-        )
+        groups.append(_Group(L, G, start, flat, sel, dst, scale[:, :, None, None], index, allowed))
     return AttentionPlan(groups, int(offsets_list[-1]) if offsets_list else 0, num_pos, num_time)
 
 
@@ -244,11 +241,8 @@ class _GroupedAttention(torch.autograd.Function):
         for g in plan.groups:
             qg, kg, vg = _gather(q, g), _gather(k, g), _gather(v, g)
             s = _scores(qg, kg, tab, g)
-            if KEEP_SCORES:
-                kept.append(s)  # for the backward: A and SiLU'(S) come from S
-                a = _mask_(torch.ops.aten.silu.out(s, out=plan.score_buffer(g, H, s)), g)
-            else:
-                a = _mask_(F.silu(s, inplace=True), g)
+            kept.append(s)  # for the backward: A and SiLU'(S) come from S
+            a = _mask_(F.silu(s), g)  # transient (the backward's buffer is not held here)
             _bmm_into(out, a, vg, g, scale=g.scale)
             del a, s
         ctx.save_for_backward(q, k, v, table if table is not None else q.new_zeros(0))
@@ -268,15 +262,12 @@ class _GroupedAttention(torch.autograd.Function):
         want_table = ctx.has_table and ctx.needs_input_grad[3]
         dtable = q.new_zeros(table.numel(), dtype=torch.float32) if want_table else None
         dout = dout.contiguous()
-        tab = table.to(q.dtype) if ctx.has_table else None
         for i, g in enumerate(plan.groups):
             G, L = g.G, g.L
             dog = _gather(dout, g).view(G, H, L, -1) * g.scale.to(dout.dtype).transpose(1, 2)
             dog = dog.view(G * H, L, -1)
             qg, kg, vg = _gather(q, g), _gather(k, g), _gather(v, g)
-            s = ctx.scores[i] if KEEP_SCORES else _scores(qg, kg, tab, g)
-            if KEEP_SCORES:
-                ctx.scores[i] = None
+            s, ctx.scores[i] = ctx.scores[i], None
             a = _mask_(torch.ops.aten.silu.out(s, out=plan.score_buffer(g, H, s)), g)
             _bmm_into(dv, a.transpose(1, 2), dog, g)
             da = torch.bmm(dog, vg.transpose(1, 2), out=a)  # A is spent: its buffer takes dA

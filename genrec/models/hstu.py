@@ -16,6 +16,8 @@ traces; the jagged path is what training uses.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,6 +39,30 @@ def attention_norm(cfg: ModelConfig) -> str | float:
     return "length" if cfg.attn_norm == "length" else float(max_tokens(cfg))
 
 
+class _SiLUViews:
+    """Saved-tensor hooks for one layer: the views of uvqk = SiLU(pre) that autograd saves
+    for the backward (Q, K, V by the attention, U by the gate) are kept as their geometry and
+    recomputed in the backward as SiLU of the same view of pre. The layer then holds one
+    [T, 2 Dv + 2 Dqk] block between forward and backward (pre, which SiLU's own backward
+    keeps) instead of two; each recomputation is one elementwise pass (same values)."""
+
+    def __init__(self, pre: torch.Tensor, uvqk: torch.Tensor) -> None:
+        self.pre, self.ptr = pre, uvqk.untyped_storage().data_ptr()
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, t: torch.Tensor):
+        if t.untyped_storage().data_ptr() != self.ptr:
+            return t
+        return (t.shape, t.stride(), t.storage_offset())
+
+    def _unpack(self, saved):
+        if isinstance(saved, torch.Tensor):
+            return saved
+        return F.silu(self.pre.as_strided(*saved))
+
+
 class HSTULayer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -52,15 +78,18 @@ class HSTULayer(nn.Module):
         self.time_bias = nn.Parameter(torch.zeros(cfg.num_time_buckets)) if cfg.rab_time else None
         self.norm = attention_norm(cfg)
 
-    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _project(self, x: torch.Tensor, recompute: bool = False) -> tuple[torch.Tensor, ...]:
+        """U, V, Q, K; recompute: autograd keeps only W1's output for them (`_SiLUViews`)."""
         lead = x.shape[:-1]
-        uvqk = F.silu(self.w1(self.norm_in(x)))
+        pre = self.w1(self.norm_in(x))
+        uvqk = F.silu(pre)
+        views = _SiLUViews(pre, uvqk) if recompute and torch.is_grad_enabled() else None
         hv, hq = self.num_heads * self.dv, self.num_heads * self.dqk
         u, v, q, k = torch.split(uvqk, [hv, hv, hq, hq], dim=-1)
         v = v.reshape(*lead, self.num_heads, self.dv)
         q = q.reshape(*lead, self.num_heads, self.dqk)
         k = k.reshape(*lead, self.num_heads, self.dqk)
-        return u, v, q, k
+        return u, v, q, k, views
 
     def _output(self, x: torch.Tensor, u: torch.Tensor, av: torch.Tensor) -> torch.Tensor:
         av = self.attn_dropout(av.reshape(*x.shape[:-1], -1))
@@ -76,21 +105,22 @@ class HSTULayer(nn.Module):
         plan=None,
     ) -> torch.Tensor:
         """plan: `self.plan(...)` of this batch (from any layer of the same encoder)."""
-        u, v, q, k = self._project(x)
-        av = hstu_attention(
-            q,
-            k,
-            v,
-            offsets,
-            max_seq_len,
-            timestamps=timestamps if self.time_bias is not None else None,
-            pos_bias=self.pos_bias,
-            time_bias=self.time_bias,
-            num_targets=num_targets,
-            norm=self.norm,
-            plan=plan,
-        )
-        return self._output(x, u, av)
+        u, v, q, k, views = self._project(x, recompute=True)
+        with views.hooks() if views is not None else contextlib.nullcontext():
+            av = hstu_attention(
+                q,
+                k,
+                v,
+                offsets,
+                max_seq_len,
+                timestamps=timestamps if self.time_bias is not None else None,
+                pos_bias=self.pos_bias,
+                time_bias=self.time_bias,
+                num_targets=num_targets,
+                norm=self.norm,
+                plan=plan,
+            )
+            return self._output(x, u, av)
 
     def plan(
         self,
@@ -118,7 +148,7 @@ class HSTULayer(nn.Module):
         timestamps: torch.Tensor | None,
         num_targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        u, v, q, k = self._project(x)
+        u, v, q, k, _ = self._project(x)
         av = hstu_attention_padded(
             q,
             k,
