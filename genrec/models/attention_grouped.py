@@ -155,13 +155,15 @@ def plan_attention(
 
 def _time_index(ts: torch.Tensor, num_time: int, pos_index: torch.Tensor | None):
     """int32 [G, L, L]: time_bucket(ts_i - ts_j) (+ pos_index, int32 [G or 1, L, L]) of int64
-    timestamps [G, L]. Gaps are taken in int32 when the group spans < 2^31 seconds, and in
+    timestamps [G, L]. Gaps are taken in int32 when every row spans < 2^31 seconds, and in
     slices of sequences (the gaps are the plan's largest temporaries)."""
     from genrec.models.attention import time_bucket
 
     G, L = ts.shape
-    if G and int(ts.max()) - int(ts.min()) < 2**31:
-        ts = (ts - ts.min()).to(torch.int32)
+    if G:  # gaps are within a row: each row may start from its own first time
+        lo, hi = ts.aminmax(dim=1, keepdim=True)
+        if int((hi - lo).max()) < 2**31:
+            ts = (ts - lo).to(torch.int32)
     index = torch.empty(G, L, L, dtype=torch.int32, device=ts.device)
     step = max(1, _PLAN_SLICE_ELEMS // (L * L))
     for s in range(0, G, step):
