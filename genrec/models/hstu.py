@@ -39,28 +39,48 @@ def attention_norm(cfg: ModelConfig) -> str | float:
     return "length" if cfg.attn_norm == "length" else float(max_tokens(cfg))
 
 
-class _SiLUViews:
-    """Saved-tensor hooks for one layer: the views of uvqk = SiLU(pre) that autograd saves
-    for the backward (Q, K, V by the attention, U by the gate) are kept as their geometry and
-    recomputed in the backward as SiLU of the same view of pre. The layer then holds one
-    [T, 2 Dv + 2 Dqk] block between forward and backward (pre, which SiLU's own backward
-    keeps) instead of two; each recomputation is one elementwise pass (same values)."""
+class _Recomputed:
+    """Saved-tensor hooks for one layer's forward: a tensor registered with `register(t, fn)`
+    is not kept for the backward when autograd saves it (or a view of it); its geometry is,
+    and fn(shape, stride, offset) rebuilds that view from inputs that are kept anyway. The
+    layer registers uvqk = SiLU(pre) (Q, K, V saved by the attention, U by the gate: rebuilt
+    as SiLU of the same view of pre, which SiLU's own backward keeps) and its two LayerNorm
+    outputs (saved by W1 and by the gate: rebuilt from the LayerNorms' inputs). Between
+    forward and backward a layer then holds pre instead of pre + uvqk + two [T, D] blocks;
+    the recomputations are elementwise / LayerNorm passes with the same values. Registered
+    tensors stay referenced while the hooks are active, so no other tensor can take their
+    address and be mistaken for them."""
 
-    def __init__(self, pre: torch.Tensor, uvqk: torch.Tensor) -> None:
-        self.pre, self.ptr = pre, uvqk.untyped_storage().data_ptr()
+    def __init__(self) -> None:
+        self.fns: dict[int, object] = {}
+        self.alive: list[torch.Tensor] = []
 
-    def hooks(self):
-        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+    @contextlib.contextmanager
+    def active(self):
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            try:
+                yield self
+            finally:
+                self.fns, self.alive = {}, []
+
+    def register(self, t: torch.Tensor, fn) -> torch.Tensor:
+        self.fns[t.untyped_storage().data_ptr()] = fn
+        self.alive.append(t)
+        return t
 
     def _pack(self, t: torch.Tensor):
-        if t.untyped_storage().data_ptr() != self.ptr:
+        fn = self.fns.get(t.untyped_storage().data_ptr())
+        if fn is None:
             return t
-        return (t.shape, t.stride(), t.storage_offset())
+        return (fn, t.shape, t.stride(), t.storage_offset())
 
-    def _unpack(self, saved):
+    @staticmethod
+    def _unpack(saved):
         if isinstance(saved, torch.Tensor):
             return saved
-        return F.silu(self.pre.as_strided(*saved))
+        fn, *geometry = saved
+        with torch.no_grad():
+            return fn(*geometry)
 
 
 class _SiLUSplit(torch.autograd.Function):
@@ -95,27 +115,30 @@ class HSTULayer(nn.Module):
         self.time_bias = nn.Parameter(torch.zeros(cfg.num_time_buckets)) if cfg.rab_time else None
         self.norm = attention_norm(cfg)
 
-    def _project(self, x: torch.Tensor, recompute: bool = False) -> tuple:
-        """U, V, Q, K and the hooks that recompute them in the backward (recompute and grad
-        enabled: autograd then keeps only W1's output for them, `_SiLUViews`), else None."""
+    def _project(self, x: torch.Tensor, rec: _Recomputed | None = None) -> tuple:
+        """U, V, Q, K; with `rec` (training), registered for recomputation in the backward."""
         lead = x.shape[:-1]
-        pre = self.w1(self.norm_in(x))
+        normed = self.norm_in(x)
         hv, hq = self.num_heads * self.dv, self.num_heads * self.dqk
         sizes = [hv, hv, hq, hq]
-        views = None
-        if recompute and torch.is_grad_enabled():
-            u, v, q, k = _SiLUSplit.apply(pre, sizes)
-            views = _SiLUViews(pre, u)
+        if rec is None:
+            u, v, q, k = torch.split(F.silu(self.w1(normed)), sizes, dim=-1)
         else:
-            u, v, q, k = torch.split(F.silu(pre), sizes, dim=-1)
+            rec.register(normed, lambda *geo, x=x: self.norm_in(x).as_strided(*geo))
+            pre = self.w1(normed)
+            u, v, q, k = _SiLUSplit.apply(pre, sizes)
+            rec.register(u, lambda *geo, pre=pre: F.silu(pre.as_strided(*geo)))
         v = v.reshape(*lead, self.num_heads, self.dv)
         q = q.reshape(*lead, self.num_heads, self.dqk)
         k = k.reshape(*lead, self.num_heads, self.dqk)
-        return u, v, q, k, views
+        return u, v, q, k
 
-    def _output(self, x: torch.Tensor, u: torch.Tensor, av: torch.Tensor) -> torch.Tensor:
+    def _output(self, x, u, av, rec: _Recomputed | None = None) -> torch.Tensor:
         av = self.attn_dropout(av.reshape(*x.shape[:-1], -1))
-        return x + self.w2(self.dropout(self.norm_attn(av) * u))
+        normed = self.norm_attn(av)
+        if rec is not None:
+            rec.register(normed, lambda *geo, av=av: self.norm_attn(av).as_strided(*geo))
+        return x + self.w2(self.dropout(normed * u))
 
     def forward(
         self,
@@ -127,8 +150,9 @@ class HSTULayer(nn.Module):
         plan=None,
     ) -> torch.Tensor:
         """plan: `self.plan(...)` of this batch (from any layer of the same encoder)."""
-        u, v, q, k, views = self._project(x, recompute=True)
-        with views.hooks() if views is not None else contextlib.nullcontext():
+        rec = _Recomputed() if torch.is_grad_enabled() else None
+        with rec.active() if rec is not None else contextlib.nullcontext():
+            u, v, q, k = self._project(x, rec)
             av = hstu_attention(
                 q,
                 k,
@@ -142,7 +166,7 @@ class HSTULayer(nn.Module):
                 norm=self.norm,
                 plan=plan,
             )
-            return self._output(x, u, av)
+            return self._output(x, u, av, rec)
 
     def plan(
         self,
@@ -170,7 +194,7 @@ class HSTULayer(nn.Module):
         timestamps: torch.Tensor | None,
         num_targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        u, v, q, k, _ = self._project(x)
+        u, v, q, k = self._project(x)
         av = hstu_attention_padded(
             q,
             k,
