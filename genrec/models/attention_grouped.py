@@ -19,7 +19,9 @@ A group whose members are consecutive sequences of exactly L tokens (every group
 are full) is "dense": its tokens are the contiguous flat rows start:start + G * L, so Q, K, V
 are views, the products are written straight into the jagged outputs and gradients, and no
 row index is built or gathered. The scores S start as the gathered bias and take Q K^T in
-place (baddbmm_); the backward reuses A's buffer for dA.
+place (baddbmm_). The backward computes A, then dA, in one buffer that the plan holds for all
+groups and layers (`AttentionPlan.score_buffer`; released with the plan after the first
+layer's backward). Time gaps are taken in int32 when every row spans < 2^31 s.
 """
 
 from __future__ import annotations
