@@ -39,17 +39,27 @@ from genrec.models.attention_grouped import (
 from genrec.models.jagged import length_groups, lengths_from_offsets, padded_rows
 
 
-def time_bucket(dt: torch.Tensor, num_buckets: int) -> torch.Tensor:
-    """int64 bucket of a time gap in seconds: clamp(floor(2 * log2(1 + |dt|)), 0, num_buckets-1).
+def time_bucket(
+    dt: torch.Tensor, num_buckets: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """int64 (or `out`'s int32) bucket of a time gap in seconds:
+    clamp(floor(2 * log2(1 + |dt|)), 0, num_buckets-1).
 
     Log buckets: gaps of seconds and of months both get resolution. Exact on every device:
     floor(2 * log2(x)) = floor(log2(x^2)) >= k exactly when |dt| >= isqrt(2^k - 1) for
     x = 1 + |dt|, so the bucket is the number of those integer edges at or below |dt| (a
     float log2 is only an estimate: CUDA's returns 2.9999999999999996 for log2(8)). Gaps with
-    x^2 >= 2^63 take bucket 63, as the Triton kernel does.
+    x^2 >= 2^63 take bucket 63, as the Triton kernel does. int32 gaps (|dt| < 2^31, ~68 years
+    of seconds) are searched as int32, ~3x faster on CPU than int64.
     """
-    edges = torch.tensor(_time_edges(num_buckets), dtype=torch.int64, device=dt.device)
-    return torch.searchsorted(edges, dt.abs().to(torch.int64), right=True)
+    edges = _time_edges(num_buckets)
+    if dt.dtype == torch.int32:  # the edges past 2^31 - 1 cannot be reached
+        edges = tuple(e for e in edges if e < 2**31)
+    else:
+        dt = dt.to(torch.int64)
+    edges_t = torch.tensor(edges, dtype=dt.dtype, device=dt.device)
+    out_int32 = out is not None and out.dtype == torch.int32
+    return torch.searchsorted(edges_t, dt.abs(), right=True, out_int32=out_int32, out=out)
 
 
 @functools.lru_cache(maxsize=16)

@@ -16,6 +16,8 @@ traces; the jagged path is what training uses.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,6 +39,67 @@ def attention_norm(cfg: ModelConfig) -> str | float:
     return "length" if cfg.attn_norm == "length" else float(max_tokens(cfg))
 
 
+class _Recomputed:
+    """Saved-tensor hooks for one layer's forward: a tensor registered with `register(t, fn)`
+    is not kept for the backward when autograd saves it (or a view of it); its geometry is,
+    and fn(shape, stride, offset) rebuilds that view from inputs that are kept anyway. The
+    layer registers uvqk = SiLU(pre) (Q, K, V saved by the attention, U by the gate: rebuilt
+    as SiLU of the same view of pre, which SiLU's own backward keeps) and its two LayerNorm
+    outputs (saved by W1 and by the gate: rebuilt from the LayerNorms' inputs). Between
+    forward and backward a layer then holds pre instead of pre + uvqk + two [T, D] blocks;
+    the recomputations are elementwise / LayerNorm passes with the same values. Registered
+    tensors stay referenced while the hooks are active, so no other tensor can take their
+    address and be mistaken for them."""
+
+    def __init__(self) -> None:
+        self.fns: dict[int, object] = {}
+        self.alive: list[torch.Tensor] = []
+
+    @contextlib.contextmanager
+    def active(self):
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            try:
+                yield self
+            finally:
+                self.fns, self.alive = {}, []
+
+    def register(self, t: torch.Tensor, fn) -> torch.Tensor:
+        self.fns[t.untyped_storage().data_ptr()] = fn
+        self.alive.append(t)
+        return t
+
+    def _pack(self, t: torch.Tensor):
+        fn = self.fns.get(t.untyped_storage().data_ptr())
+        if fn is None:
+            return t
+        return (fn, t.shape, t.stride(), t.storage_offset())
+
+    @staticmethod
+    def _unpack(saved):
+        if isinstance(saved, torch.Tensor):
+            return saved
+        fn, *geometry = saved
+        with torch.no_grad():
+            return fn(*geometry)
+
+
+class _SiLUSplit(torch.autograd.Function):
+    """split(SiLU(pre), sizes) whose backward writes the pieces' gradients into one block and
+    takes SiLU' in place: one [T, 2 Dv + 2 Dqk] allocation in the backward instead of two
+    (autograd's split backward concatenates, then SiLU's backward allocates again)."""
+
+    @staticmethod
+    def forward(ctx, pre: torch.Tensor, sizes: list[int]):
+        ctx.save_for_backward(pre)
+        return tuple(F.silu(pre).split(sizes, dim=-1))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        (pre,) = ctx.saved_tensors
+        g = torch.cat(grads, dim=-1)
+        return torch.ops.aten.silu_backward.grad_input(g, pre, grad_input=g), None
+
+
 class HSTULayer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -52,19 +115,30 @@ class HSTULayer(nn.Module):
         self.time_bias = nn.Parameter(torch.zeros(cfg.num_time_buckets)) if cfg.rab_time else None
         self.norm = attention_norm(cfg)
 
-    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _project(self, x: torch.Tensor, rec: _Recomputed | None = None) -> tuple:
+        """U, V, Q, K; with `rec` (training), registered for recomputation in the backward."""
         lead = x.shape[:-1]
-        uvqk = F.silu(self.w1(self.norm_in(x)))
+        normed = self.norm_in(x)
         hv, hq = self.num_heads * self.dv, self.num_heads * self.dqk
-        u, v, q, k = torch.split(uvqk, [hv, hv, hq, hq], dim=-1)
+        sizes = [hv, hv, hq, hq]
+        if rec is None:
+            u, v, q, k = torch.split(F.silu(self.w1(normed)), sizes, dim=-1)
+        else:
+            rec.register(normed, lambda *geo, x=x: self.norm_in(x).as_strided(*geo))
+            pre = self.w1(normed)
+            u, v, q, k = _SiLUSplit.apply(pre, sizes)
+            rec.register(u, lambda *geo, pre=pre: F.silu(pre.as_strided(*geo)))
         v = v.reshape(*lead, self.num_heads, self.dv)
         q = q.reshape(*lead, self.num_heads, self.dqk)
         k = k.reshape(*lead, self.num_heads, self.dqk)
         return u, v, q, k
 
-    def _output(self, x: torch.Tensor, u: torch.Tensor, av: torch.Tensor) -> torch.Tensor:
+    def _output(self, x, u, av, rec: _Recomputed | None = None) -> torch.Tensor:
         av = self.attn_dropout(av.reshape(*x.shape[:-1], -1))
-        return x + self.w2(self.dropout(self.norm_attn(av) * u))
+        normed = self.norm_attn(av)
+        if rec is not None:
+            rec.register(normed, lambda *geo, av=av: self.norm_attn(av).as_strided(*geo))
+        return x + self.w2(self.dropout(normed * u))
 
     def forward(
         self,
@@ -76,21 +150,23 @@ class HSTULayer(nn.Module):
         plan=None,
     ) -> torch.Tensor:
         """plan: `self.plan(...)` of this batch (from any layer of the same encoder)."""
-        u, v, q, k = self._project(x)
-        av = hstu_attention(
-            q,
-            k,
-            v,
-            offsets,
-            max_seq_len,
-            timestamps=timestamps if self.time_bias is not None else None,
-            pos_bias=self.pos_bias,
-            time_bias=self.time_bias,
-            num_targets=num_targets,
-            norm=self.norm,
-            plan=plan,
-        )
-        return self._output(x, u, av)
+        rec = _Recomputed() if torch.is_grad_enabled() else None
+        with rec.active() if rec is not None else contextlib.nullcontext():
+            u, v, q, k = self._project(x, rec)
+            av = hstu_attention(
+                q,
+                k,
+                v,
+                offsets,
+                max_seq_len,
+                timestamps=timestamps if self.time_bias is not None else None,
+                pos_bias=self.pos_bias,
+                time_bias=self.time_bias,
+                num_targets=num_targets,
+                norm=self.norm,
+                plan=plan,
+            )
+            return self._output(x, u, av, rec)
 
     def plan(
         self,

@@ -14,7 +14,7 @@ from genrec.models.attention import (
     hstu_attention_padded,
     time_bucket,
 )
-from genrec.models.jagged import length_groups
+from genrec.models.jagged import length_groups, padded_rows
 
 H, DQK, DV, P, NB = 2, 8, 6, 20, 16
 
@@ -180,6 +180,11 @@ def test_time_bucket_is_exact_integer_arithmetic():
     assert torch.equal(time_bucket(-dt, 64), want)
     for nb in (1, 2, 7, 64, 128):
         assert torch.equal(time_bucket(dt, nb), want.clamp_max(nb - 1)), nb
+    fits = dt < 2**31  # the int32 path (the grouped plan's gaps), written into int32 `out`
+    out = torch.empty(int(fits.sum()), dtype=torch.int32)
+    for nb in (2, 64, 128):
+        time_bucket(-dt[fits].to(torch.int32), nb, out=out)
+        assert torch.equal(out, want[fits].clamp_max(nb - 1).to(torch.int32)), nb
 
 
 def test_length_groups_do_not_pad_short_sequences_to_the_longest():
@@ -223,6 +228,71 @@ def test_grouped_backend_matches_reference_outputs_and_all_grads(with_targets, b
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
     for g in g_got[3:]:  # the bias tables really receive gradient
         assert float(g.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("with_targets", [False, True])
+def test_grouped_dense_groups_match_reference(with_targets, monkeypatch):
+    """Full rows (every group dense: Q/K/V read as views, results written in place), chunked
+    into several dense groups, with gaps past 2^31 s in one batch (the plan's int64 gaps) and
+    under it in another (int32 gaps): outputs and all gradients against the reference."""
+    import genrec.models.jagged as jagged
+
+    monkeypatch.setattr(jagged, "GROUP_SCORE_ELEMS", 3 * H * 24 * 24)  # chunks of 3 rows
+    for gap in (40, 3 * 10**9):
+        q, k, v, offsets, _, pb, tb, nt = random_batch([24] * 7, seed=11, with_targets=True)
+        nt = nt if with_targets else None
+        ts = torch.cumsum(torch.randint(0, gap, (q.shape[0],)), 0)
+        plan = attention_plan(offsets, 24, H, ts, pb, tb, nt, "length")
+        assert [g.G for g in plan.groups] == [3, 3, 1]
+        assert [g.start for g in plan.groups] == [0, 72, 144]  # dense: contiguous rows
+        kw = dict(timestamps=ts, pos_bias=pb, time_bias=tb, num_targets=nt)
+        want = hstu_attention(q, k, v, offsets, 24, backend="reference", **kw)
+        got = hstu_attention(q, k, v, offsets, 24, plan=plan, **kw)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        w = torch.randn_like(want)
+        g_want = torch.autograd.grad((want * w).sum(), (q, k, v, pb, tb))
+        g_got = torch.autograd.grad((got * w).sum(), (q, k, v, pb, tb))
+        for name, a, b in zip("q k v pos time".split(), g_got, g_want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"{name} gap {gap}")
+
+
+def test_encoder_jagged_matches_padded_outputs_and_grads():
+    """The training path (grouped op, one plan per encoder, Q/K/V/U recomputed from W1's
+    output in the backward) against the padded reference path of the same weights: outputs,
+    input gradients and every parameter's gradient."""
+    from genrec.config import ModelConfig
+    from genrec.models.hstu import HSTUEncoder
+
+    torch.manual_seed(3)
+    cfg = ModelConfig(
+        dim=16,
+        num_layers=2,
+        num_heads=H,
+        attn_dim=8,
+        linear_dim=6,
+        dropout=0.0,
+        max_len=24,
+        num_time_buckets=NB,
+    )
+    enc = HSTUEncoder(cfg).train()
+    for layer in enc.layers:  # non-zero biases, so their gradients flow through both terms
+        torch.nn.init.normal_(layer.pos_bias)
+        torch.nn.init.normal_(layer.time_bias)
+    lengths = torch.tensor([24, 24, 24, 5, 0, 17, 24, 1])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    T, L = int(offsets[-1]), 24
+    x = torch.randn(T, 16, requires_grad=True)
+    ts = torch.cumsum(torch.randint(0, 40, (T,)), 0)
+    rows, valid = padded_rows(offsets, torch.arange(lengths.numel()), L)
+    w = torch.randn(T, 16)
+    got = enc(x, offsets, L, ts)
+    g_got = torch.autograd.grad((got * w).sum(), [x, *enc.parameters()])
+    want = enc.forward_padded(x[rows] * valid[..., None], lengths, ts[rows])[valid]
+    g_want = torch.autograd.grad((want * w).sum(), [x, *enc.parameters()])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    names = ["x"] + [n for n, _ in enc.named_parameters()]
+    for name, a, b in zip(names, g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_grouped_plan_is_shared_and_checked():
