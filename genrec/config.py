@@ -615,17 +615,17 @@ def check_features(cfg: Config) -> None:
             )
     for f in (ITEM_FEATURE,) * needs_item + derived:
         if f not in embedded:
-            why = "the generative task embeds each event's codes" if f in derived else (
-                "every model embeds its items"
+            why = (
+                "the generative task embeds each event's codes"
+                if f in derived
+                else "every model embeds its items"
             )
             raise ConfigError(
                 f"embeddings.tables: no table embeds {f!r} (tables: "
                 f"{ {t.name: t.features for t in tables} }); {why}"
             )
     if generative and cfg.model.kind != "hstu":
-        raise ConfigError(
-            f"model.task=generative: model.kind must be hstu, got {cfg.model.kind!r}"
-        )
+        raise ConfigError(f"model.task=generative: model.kind must be hstu, got {cfg.model.kind!r}")
     read = {ITEM_FEATURE, *tokens} if needs_item else set(tokens)
     read |= set(derived)
     for i, t in enumerate(tables):

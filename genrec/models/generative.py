@@ -88,7 +88,7 @@ class ItemCodes(nn.Module):
 
     def forward(self, item_ids: torch.Tensor) -> torch.Tensor:
         """[n] raw ids -> [n, L] codes; an id without a code fails, counting them."""
-        ids = item_ids.to(torch.int64)
+        ids = item_ids.to(torch.int64).contiguous()
         pos = torch.searchsorted(self.ids, ids).clamp_max(self.ids.numel() - 1)
         found = self.ids[pos] == ids
         if not bool(found.all()):
@@ -167,7 +167,10 @@ class HSTUGenerative(nn.Module):
         self.tokens = TokenBuilder(cfg.model, self.sparse.feature_dim(SID_FEATURE), context_dims)
         self.encoder = HSTUEncoder(cfg.model)
         self.decoder = CodeDecoder(
-            cfg.model.dim, sizes, self.gcfg.decoder_layers, self.gcfg.decoder_heads,
+            cfg.model.dim,
+            sizes,
+            self.gcfg.decoder_layers,
+            self.gcfg.decoder_heads,
             cfg.model.dropout,
         )
         self._trie: CodeTrie | None = None
@@ -195,11 +198,14 @@ class HSTUGenerative(nn.Module):
             x = x + out[ITEM_KEY].values()
         return x, {f: out[f].values() for f in self.context}
 
-    def _states(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _states(
+        self, batch: Batch
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(state [P, D] before each target, target flat index [P], row [P], encoder out)."""
         x, context = self._lookup(batch)
-        tok = self.tokens(x, batch.actions, batch.timestamps, batch.lengths, batch.num_targets,
-                          context)
+        tok = self.tokens(
+            x, batch.actions, batch.timestamps, batch.lengths, batch.num_targets, context
+        )
         out = self.encoder(tok.x, tok.offsets, max(tok.max_len, 1), tok.timestamps)
         tgt, rows = target_events(batch)
         return out[tok.state_index[tgt - 1]], tgt, rows, out

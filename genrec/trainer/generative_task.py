@@ -63,8 +63,9 @@ class GenerativeTask:
         self.count_invalid(items)
         if self.gcfg.exclude_history:
             items = drop_history(batch, items, tgt, rows, k)
-        pop = self.baseline.top_k(batch.to("cpu"), k, self.gcfg.exclude_history,
-                                  self.cfg.model.max_len)
+        pop = self.baseline.top_k(
+            batch.to("cpu"), k, self.gcfg.exclude_history, self.cfg.model.max_len
+        )
         metrics.add(items[:, :k], pop, targets)
 
     def count_invalid(self, items: torch.Tensor) -> None:
