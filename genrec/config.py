@@ -174,6 +174,10 @@ class GenerativeConfig:
     codes: str = ""
     decoder_layers: int = 2  # causal transformer layers over [user state, code prefix]
     decoder_heads: int = 2
+    decoder_dropout: float = 0.1  # the decoder's own (the encoder's is model.dropout)
+    # > 0: a level's logits are cosines of the decoder's output and the code's output
+    # vector divided by this (as the retriever scores items); 0: a plain linear head
+    temperature: float = 0.0
     # add the item's own embedding (a table fed by item_id) to its code-token embeddings
     item_embedding: bool = True
     beam_width: int = 20  # constrained beam search: beams kept per user and level

@@ -105,9 +105,16 @@ class CodeDecoder(nn.Module):
     """Causal transformer over [state, e(c_0), .., e(c_{t-1})]: logits of code level t."""
 
     def __init__(
-        self, dim: int, level_sizes: list[int], layers: int, heads: int, dropout: float
+        self,
+        dim: int,
+        level_sizes: list[int],
+        layers: int,
+        heads: int,
+        dropout: float,
+        temperature: float = 0.0,
     ) -> None:
         super().__init__()
+        self.temperature = temperature
         self.level_sizes = list(level_sizes)
         offsets = np.concatenate([[0], np.cumsum(level_sizes)])
         self.register_buffer("offsets", torch.as_tensor(offsets, dtype=torch.int64), False)
@@ -133,6 +140,9 @@ class CodeDecoder(nn.Module):
     def level_logits(self, h: torch.Tensor, level: int) -> torch.Tensor:
         """h [..., D] -> [..., V_level]."""
         lo, hi = int(self.offsets[level]), int(self.offsets[level + 1])
+        if self.temperature > 0:  # cosine / temperature, as the retriever scores items
+            w = F.normalize(self.out.weight[lo:hi], dim=-1)
+            return F.normalize(h, dim=-1) @ w.T / self.temperature
         return F.linear(h, self.out.weight[lo:hi], self.out.bias[lo:hi])
 
     def nll(self, states: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -171,7 +181,8 @@ class HSTUGenerative(nn.Module):
             sizes,
             self.gcfg.decoder_layers,
             self.gcfg.decoder_heads,
-            cfg.model.dropout,
+            self.gcfg.decoder_dropout,
+            self.gcfg.temperature,
         )
         self._trie: CodeTrie | None = None
 

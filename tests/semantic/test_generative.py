@@ -21,8 +21,11 @@ import torch
 
 from genrec.config import ConfigError, load_config
 from genrec.data_pipeline.batch import sequences_from_rows
+from genrec.deploy.export import export
+from genrec.deploy.semantic_artifact import SemanticArtifact, load_artifact
 from genrec.models.generative import drop_history
 from genrec.semantic.tokenize import write_codes
+from genrec.trainer import checkpoint as ckpt
 from genrec.trainer.epochs import loo_view, read_user_sequences
 from genrec.trainer.launch import evaluate, train
 
@@ -119,10 +122,21 @@ def test_generative_overfits_on_two_ranks_and_decodes_real_items(data):
         nll = model.decoder.nll(states, model.codes(items[:, 0]))
     torch.testing.assert_close(-nll, scores[:, 0], atol=1e-4, rtol=1e-4)
 
+    # export + the serving runtime: the same top-k as the offline beam search
+    best = ckpt.checkpoint_path(data / "run", test["best_epoch_step"])
+    export(str(best), str(data / "artifact"))
+    art = load_artifact(data / "artifact")
+    assert isinstance(art, SemanticArtifact)
+    histories = [row[:-1] for row in table.column("item_ids").to_pylist()]
+    served = art.recommend(histories, k=10)
+    offline = drop_history(batch, items, tgt, rows, 10)
+    for b, rec in enumerate(served):
+        want = offline[b][offline[b] >= 0]
+        np.testing.assert_array_equal(rec.ids, want.numpy())
+
 
 def _load(cfg, run_dir: Path, step: int):
     from genrec.models.build import build_model
-    from genrec.trainer import checkpoint as ckpt
 
     model = build_model(cfg)
     app = {"model": model.state_dict()}
