@@ -16,9 +16,10 @@ goes to stderr. The data directory is a flag (or GENREC_DATA_DIR), never a path 
 the codes, once for all seeds (seed 0), into the prepared directory: a short HSTU run
 (the dataset's HSTU config, `--collab-epochs`), its export, and `genrec tokenize` of its item
 table (`--sid-vectors collab`; `attributes` / `both` use or add the item attributes). Its
-row adds the beam search's scoring time per test user (`beam_ms_per_user`, batches of
-trainer.batch_size users, this machine) and, with `--cold-start` (any model), the metrics
-of the test users whose target item never occurs as a training target (`cold/...`).
+row (and any model's with `--cold-start`) adds the metrics of the test users whose target
+item never occurs as a training target (`cold`: the best checkpoint scored on them alone)
+and the scoring time per user of that evaluation (`ms_per_user`: encoder + top-k or beam
+search, batches of trainer.batch_size users, one process on this machine).
 """
 
 from __future__ import annotations
@@ -81,10 +82,10 @@ def run_once(args, seed: int, work: Path) -> dict:
         summary = json.loads(summary_path.read_text())
     final = summary["windows"][-1]
     extra = {}
-    if args.model == "sid":
-        extra["beam_ms_per_user"] = beam_latency(cfg, final)
-    if args.cold_start:
+    if args.cold_start or args.model == "sid":
         extra["cold"] = cold_start_metrics(cfg, work, final["best_epoch_step"])
+        # scoring time of those users (encoder + beam search, batches of batch_size)
+        extra["ms_per_user"] = round(1000 * extra["cold"].pop("score_seconds"), 3)
     # epoch rows; with trainer.eval_every > 1 only some carry validation metrics
     validated = [row for row in summary["windows"][:-1] if "valid/recall@10" in row]
     return {
@@ -176,49 +177,15 @@ def collab_artifact(args, work: Path) -> Path:
     return artifact
 
 
-def beam_latency(cfg, final: dict) -> float:
-    """Milliseconds per test user of scoring the best checkpoint on test (the encoder and
-    the beam search, batches of trainer.batch_size users, one process), restore excluded."""
-    from genrec.trainer.launch import evaluate
-
-    result = evaluate(cfg, split="test", out=str(Path(cfg.trainer.run_dir) / "latency.json"))
-    assert abs(result["test/recall@10"] - final["test/recall@10"]) < 1e-9, "scored differently"
-    return round(1000 * result["score_seconds"] / result["test/users"], 3)
-
-
 def cold_start_metrics(cfg, work: Path, step: int) -> dict:
-    """Test metrics of the users whose test item never occurs as a training target (any
-    user's training part, positions 1.., as epochs mode trains): the best checkpoint scored
-    on a prepared directory holding only those users (same catalog)."""
+    """Test metrics of the cold-start users (`make_cold_split`): the best checkpoint scored
+    on a prepared directory holding only them (same catalog)."""
     import dataclasses
 
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
     from genrec.trainer.checkpoint import checkpoint_path
-    from genrec.trainer.epochs import loo_view, read_user_sequences
     from genrec.trainer.launch import evaluate
 
-    prepared = work / "prepared"
     cold_dir = work / "prepared-cold"
-    if not (cold_dir / "items.parquet").is_file():
-        table = read_user_sequences(prepared)
-        train = loo_view(table, "train").column("item_ids")
-        targets = pc.list_flatten(pc.list_slice(train, 1))
-        seen = np.unique(targets.to_numpy())
-        items = table.column("item_ids")
-        last = pc.list_element(items, pc.subtract(pc.list_value_length(items), 1)).to_numpy()
-        cold = ~np.isin(last, seen) & (pc.list_value_length(items).to_numpy() >= 3)
-        (cold_dir / "window=00000").mkdir(parents=True, exist_ok=True)
-        full = pq.read_table(next((prepared / "window=00000").glob("*.parquet")))
-        users = pa.array(table.column("user_id").to_numpy()[cold])
-        pq.write_table(
-            full.filter(pc.is_in(full.column("user_id"), users)),
-            cold_dir / "window=00000" / "part-00000.parquet",
-        )
-        (cold_dir / "items.parquet").write_bytes((prepared / "items.parquet").read_bytes())
     cold_cfg = dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, prepared_dir=str(cold_dir))
     )
@@ -230,9 +197,43 @@ def cold_start_metrics(cfg, work: Path, step: int) -> dict:
     )
     return {
         "users": int(result["test/users"]),
+        "score_seconds": result["score_seconds"] / result["test/users"],
         **{m: result[f"test/{m}"] for m in METRICS},
         **{f"most_popular/{m}": result[f"test/most_popular/{m}"] for m in METRICS},
     }
+
+
+def make_cold_split(work: Path) -> int:
+    """work/prepared-cold: the prepared rows of the users whose test item never occurs as
+    a training target (any user's training part, positions 1.., as epochs mode trains),
+    the full catalog beside them; returns their count."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from genrec.trainer.epochs import loo_view, read_user_sequences
+
+    prepared = work / "prepared"
+    cold_dir = work / "prepared-cold"
+    if not (cold_dir / "items.parquet").is_file():
+        table = read_user_sequences(prepared)
+        train = loo_view(table, "train").column("item_ids")
+        targets = pc.list_flatten(pc.list_slice(train, 1))
+        seen = np.unique(targets.to_numpy())
+        items = table.column("item_ids").combine_chunks()
+        n = pc.list_value_length(items).to_numpy()
+        last = items.flatten().to_numpy()[np.cumsum(n) - 1]  # each user's test item
+        cold = ~np.isin(last, seen) & (n >= 3)
+        (cold_dir / "window=00000").mkdir(parents=True, exist_ok=True)
+        full = pq.read_table(next((prepared / "window=00000").glob("*.parquet")))
+        users = pa.array(table.column("user_id").to_numpy()[cold])
+        pq.write_table(
+            full.filter(pc.is_in(full.column("user_id"), users)),
+            cold_dir / "window=00000" / "part-00000.parquet",
+        )
+        (cold_dir / "items.parquet").write_bytes((prepared / "items.parquet").read_bytes())
+    return pq.read_metadata(next((cold_dir / "window=00000").glob("*.parquet"))).num_rows
 
 
 def stopped_run_summary(cfg) -> dict:
@@ -374,6 +375,8 @@ def main() -> None:
         prepare_once(args, work)
         if args.model == "sid":
             make_codes(args, work)
+        if args.cold_start or args.model == "sid":
+            print(f"cold-start test users: {make_cold_split(work)}", file=sys.stderr)
         # each seed's trainer is a spawned process: threads here only wait on them
         with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
             runs = list(
@@ -404,13 +407,14 @@ def main() -> None:
     out["epochs"] = [r["epochs"] for r in runs]
     out["seconds_per_seed"] = [round(r["seconds"], 1) for r in runs]
     out["stopped_before_end"] = [r["stopped"] for r in runs]  # scored by --score-stopped
+    if args.cold_start or args.model == "sid":
+        out["ms_per_user"] = [r["ms_per_user"] for r in runs]
     if args.model == "sid":
-        out["beam_ms_per_user"] = [r["beam_ms_per_user"] for r in runs]
         out["sid_vectors"] = args.sid_vectors
         out["tokenizer"] = {
             k: sid_stats[k] for k in ("method", "collision_rate", "unique_codes", "max_collisions")
         }
-    if args.cold_start:
+    if args.cold_start or args.model == "sid":
         out["cold"] = {
             "users": runs[0]["cold"]["users"],
             **{
