@@ -150,3 +150,26 @@ def test_generative_config_needs_a_sid_table(data):
         _cfg(data, "bad", "embeddings.tables=[{name: item, dim: 32, features: [item_id]}]")
     with pytest.raises(ConfigError, match="no feature the model reads feeds it"):
         _cfg(data, "bad", "model.generative.item_embedding=false")
+
+
+def test_cold_start_split_holds_the_users_whose_item_was_never_a_training_target(data):
+    """benchmarks/quality.py's cold-start users, against a count by hand from the text."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    work = data / "cold-work"
+    work.mkdir()
+    (work / "prepared").symlink_to(data / "prepared")
+    seqs = {}
+    for line in (data / "walks.txt").read_text().splitlines():
+        u, *items = map(int, line.split())
+        seqs[u] = items
+    # training part: all but the last two events; its targets: positions 1..
+    trained = {i for s in seqs.values() for i in s[1:-2]}
+    want = sorted(u for u, s in seqs.items() if s[-1] not in trained)
+    assert 0 < len(want) < USERS
+    assert quality.make_cold_split(work) == len(want)
+    cold = read_user_sequences(work / "prepared-cold")
+    assert sorted(cold.column("user_id").to_pylist()) == want
