@@ -6,7 +6,8 @@
              model.generative.exclude_history) -> the same `TopKMetrics` as retrieval, beside
              the most-popular baseline, so progressive / epochs metrics and
              benchmarks/quality.py read it unchanged. Every result is a catalog item by
-             construction; `invalid` counts any that is not (it must stay 0).
+             construction (the trie's leaves); each evaluated batch checks it and fails
+             naming the item otherwise, so a finished run had an invalid-result rate of 0.
   state      the most-popular baseline's counts, as retrieval keeps them.
 
 Beam search runs on each rank over its own target positions: the decoder is dense
@@ -36,8 +37,6 @@ class GenerativeTask:
         self.cfg, self.model, self.catalog, self.device = cfg, model, catalog, device
         self.gcfg = cfg.model.generative
         self.baseline = PopularityBaseline(catalog)
-        self.invalid = 0  # beam results outside the catalog (stays 0: the trie's leaves)
-        self.returned = 0  # beam results scored
 
     def loss(
         self, batch: Batch, rng: torch.Generator, host: Batch | None = None
@@ -60,7 +59,7 @@ class GenerativeTask:
             )
         module = self.model.module
         items, _, targets, tgt, rows = module.generate(batch, self.gcfg.beam_width, self.gcfg.top_k)
-        self.count_invalid(items)
+        self.check_items(items)
         if self.gcfg.exclude_history:
             items = drop_history(batch, items, tgt, rows, k)
         pop = self.baseline.top_k(
@@ -68,12 +67,17 @@ class GenerativeTask:
         )
         metrics.add(items[:, :k], pop, targets)
 
-    def count_invalid(self, items: torch.Tensor) -> None:
-        """Count beam results that are not catalog items (-1 pads of a tiny catalog aside)."""
+    def check_items(self, items: torch.Tensor) -> None:
+        """Every beam result is a catalog item (-1: fewer codes than top_k, a tiny catalog)."""
         real = items[items >= 0]
         idx = torch.searchsorted(self.catalog, real).clamp_max(self.catalog.numel() - 1)
-        self.invalid += int((self.catalog[idx] != real).sum())
-        self.returned += int(items.numel())
+        bad = self.catalog[idx] != real
+        if bool(bad.any()):
+            raise RuntimeError(
+                f"beam search returned {int(bad.sum())} items outside the catalog (first: "
+                f"{int(real[bad][0])}): the codes file holds items the prepared data lacks; "
+                "tokenize the prepared catalog (model.generative.codes)"
+            )
 
     def sync(self) -> None:
         self.baseline.sync()
