@@ -175,6 +175,10 @@ class GenerativeConfig:
     decoder_layers: int = 2  # causal transformer layers over [user state, code prefix]
     decoder_heads: int = 2
     decoder_dropout: float = 0.1  # the decoder's own (the encoder's is model.dropout)
+    # true: each level's softmax runs over the codes that continue the prefix to a real item
+    # (the trie's children), in training and in beam search, so the loss is the item's NLL
+    # under constrained decoding; false: over the level's whole codebook (TIGER's)
+    constrained: bool = False
     # > 0: a level's logits are cosines of the decoder's output and the code's output
     # vector divided by this (as the retriever scores items); 0: a plain linear head
     temperature: float = 0.0

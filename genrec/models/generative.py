@@ -145,13 +145,19 @@ class CodeDecoder(nn.Module):
             return F.normalize(h, dim=-1) @ w.T / self.temperature
         return F.linear(h, self.out.weight[lo:hi], self.out.bias[lo:hi])
 
-    def nll(self, states: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced: [P] negative log-likelihood of each code [P, L] (sum over levels)."""
+    def nll(
+        self, states: torch.Tensor, codes: torch.Tensor, allowed: list | None = None
+    ) -> torch.Tensor:
+        """Teacher-forced: [P] negative log-likelihood of each code [P, L] (sum over levels);
+        `allowed`: per level a bool mask [P, V_level] of the codes the softmax runs over."""
         h = self.hidden(states, codes[:, :-1])
-        return sum(
-            F.cross_entropy(self.level_logits(h[:, lv], lv).float(), codes[:, lv], reduction="none")
-            for lv in range(codes.shape[1])
-        )
+        total = 0
+        for lv in range(codes.shape[1]):
+            logits = self.level_logits(h[:, lv], lv).float()
+            if allowed is not None:
+                logits = logits.masked_fill(~allowed[lv].to(logits.device), float("-inf"))
+            total = total + F.cross_entropy(logits, codes[:, lv], reduction="none")
+        return total
 
 
 @dataclass
@@ -228,7 +234,9 @@ class HSTUGenerative(nn.Module):
         if tgt.numel() == 0:  # every parameter in the graph: DDP/DMP steps stay aligned
             zero = 0.0 * (out.sum() + sum(p.sum() for p in self.decoder.parameters()))
             return GenerativeOutput(zero, 0)
-        nll = self.decoder.nll(states, self.codes(batch.item_ids[tgt]))
+        codes = self.codes(batch.item_ids[tgt])
+        allowed = self.allowed(codes) if self.gcfg.constrained else None
+        nll = self.decoder.nll(states, codes, allowed)
         return GenerativeOutput(nll.mean(), int(tgt.numel()))
 
     def trie(self) -> CodeTrie:
@@ -236,6 +244,21 @@ class HSTUGenerative(nn.Module):
         if self._trie is None:
             self._trie = CodeTrie(self.codes.codes.cpu().numpy(), self.codes.ids.cpu().numpy())
         return self._trie
+
+    def allowed(self, codes: torch.Tensor) -> list[torch.Tensor]:
+        """Per level l, [P, V_l] bool: the codes that continue each code's prefix
+        codes[:, :l] to some item (the trie's children of that prefix's node)."""
+        trie, codes = self.trie(), codes.cpu()
+        nodes = torch.zeros(codes.shape[0], dtype=torch.long)
+        out = []
+        for lv, size in enumerate(self.codes.level_sizes):
+            row, token, child = trie.children(nodes)
+            mask = torch.zeros(codes.shape[0], size, dtype=torch.bool)
+            mask[row, token] = True
+            out.append(mask)
+            hit = token == codes[row, lv]
+            nodes = torch.zeros_like(nodes).index_copy_(0, row[hit], child[hit])
+        return out
 
     def decode(self, states: torch.Tensor, beam_width: int, top_k: int):
         """Constrained beam search from user states [B, D]: (items [B, top_k], log-probs)."""
@@ -249,7 +272,9 @@ class HSTUGenerative(nn.Module):
             pad = self.trie().vocab - logits.shape[1]
             return F.pad(logits, (0, max(pad, 0)), value=float("-inf"))
 
-        return beam_search(step, self.trie(), states.shape[0], w, top_k)
+        return beam_search(
+            step, self.trie(), states.shape[0], w, top_k, renormalize=self.gcfg.constrained
+        )
 
     @torch.no_grad()
     def generate(

@@ -173,3 +173,30 @@ def test_cold_start_split_holds_the_users_whose_item_was_never_a_training_target
     assert quality.make_cold_split(work) == len(want)
     cold = read_user_sequences(work / "prepared-cold")
     assert sorted(cold.column("user_id").to_pylist()) == want
+
+
+def test_constrained_softmax_masks_match_the_catalog_and_the_beam_scores(data):
+    """model.generative.constrained: level l's softmax runs over the codes that continue
+    the prefix to a catalog item (checked against the codes by hand), and the beam's score
+    of its best item is that item's constrained teacher-forced log-likelihood."""
+    from genrec.models.build import build_model
+
+    torch.manual_seed(0)
+    model = build_model(_cfg(data, "unused", "model.generative.constrained=true")).eval()
+    ids = np.arange(1, ITEMS + 1, dtype=np.int64)
+    codes = item_codes(ids)
+    allowed = model.allowed(torch.as_tensor(codes))
+    for j in range(0, ITEMS, 5):
+        for lv in range(codes.shape[1]):
+            same = (codes[:, :lv] == codes[j, :lv]).all(axis=1)
+            want = np.zeros(allowed[lv].shape[1], dtype=bool)
+            want[codes[same, lv]] = True
+            np.testing.assert_array_equal(allowed[lv][j].numpy(), want)
+    table = loo_view(read_user_sequences(data / "prepared"), "test")
+    batch = sequences_from_rows(table.slice(0, 16), 20)
+    items, scores, _, _, _ = model.generate(batch, beam_width=10, top_k=10)
+    with torch.no_grad():
+        states = model._states(batch)[0]
+        best = model.codes(items[:, 0])
+        nll = model.decoder.nll(states, best, model.allowed(best))
+    torch.testing.assert_close(-nll, scores[:, 0], atol=1e-4, rtol=1e-4)
