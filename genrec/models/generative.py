@@ -22,7 +22,15 @@ of sum(level sizes) rows, replicated: no collective per beam step) emits level l
 at position l. Training is teacher-forced: the loss is the item's negative log-likelihood,
 the sum over levels of each level's cross-entropy, averaged over target positions.
 Decoding is `semantic.beam.beam_search` over the trie of the catalog's codes, so every
-result is a real item (`generate`).
+result is a real item (`generate`). With model.generative.constrained, each level's softmax
+runs over the trie's children of the prefix only, in the loss (`allowed`) and in the beam
+(renormalized), so training maximizes the item's probability under constrained decoding.
+
+At T-ECD scale (30M items, 4 code tokens): the id -> code buffers are 30M x (1 + 4) int64 =
+1.2 GB on every rank (int32 codes would halve it), the host trie ~2 GB (semantic/beam.py);
+per step the cost is one lookup of 4 rows per event in a table of sum(level sizes) rows
+(~1k: tiny next to the item table) and the decoder over P x 4 tokens, independent of the
+catalog size, as is the beam search (L passes over B x beam_width rows).
 """
 
 from __future__ import annotations
