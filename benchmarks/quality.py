@@ -3,6 +3,7 @@
     python benchmarks/quality.py --data-dir ../shared/data --dataset sports --seeds 3 --jobs 3 \
         [--plot curves.png] [config overrides, e.g. trainer.epochs=15 trainer.patience=3]
     python benchmarks/quality.py --dataset toys --model sasrec --config amazon_toys_sasrec.yaml
+    python benchmarks/quality.py --dataset toys --model sid --seeds 3 --jobs 3 [--collab-epochs 3]
 
 Leave-one-out (last item test, second-to-last validation for early stopping and model
 selection), full-catalog ranking with history items excluded; R@5, N@5, R@10, N@10 on test
@@ -10,6 +11,15 @@ as mean and standard deviation over seeds, plus wall time. Prints one JSON line;
 goes to stderr. The data directory is a flag (or GENREC_DATA_DIR), never a path in the repo.
 `--workdir D --reuse` reads seeds already finished in D instead of training them again;
 `--score-stopped` scores the seeds whose run in D was stopped early (newest = best checkpoint).
+
+`--model sid` (generative retrieval over semantic IDs, configs amazon_*_sid.yaml) first makes
+the codes, once for all seeds (seed 0), into the prepared directory: a short HSTU run
+(the dataset's HSTU config, `--collab-epochs`), its export, and `genrec tokenize` of its item
+table (`--sid-vectors collab`; `attributes` / `both` use or add the item attributes). Its
+row (and any model's with `--cold-start`) adds the metrics of the test users whose target
+item never occurs as a training target (`cold`: the best checkpoint scored on them alone)
+and the scoring time per user of that evaluation (`ms_per_user`: encoder + top-k or beam
+search, batches of trainer.batch_size users, one process on this machine).
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ DATASETS = {
     "toys": ("amazon_toys.yaml", "text", "amazon/Toys_and_Games.txt"),
     "ml100k": ("ml100k.yaml", "recbole", "ml-100k"),
 }
+SID_CONFIGS = {"sports": "amazon_sports_sid.yaml", "toys": "amazon_toys_sid.yaml"}
 PUBLISHED = {  # TIGER, NeurIPS 2023, Table 1 (R@5, N@5, R@10, N@10)
     "sports": {
         "SASRec": (0.0233, 0.0154, 0.0350, 0.0192),
@@ -45,13 +56,13 @@ def run_once(args, seed: int, work: Path) -> dict:
     from genrec.config import load_config
     from genrec.trainer.launch import train
 
-    cfg_name = args.config or DATASETS[args.dataset][0]
+    cfg_name = config_name(args)
     prepared = work / "prepared"
     overrides = [
         f"data.prepared_dir={prepared}",
         f"trainer.run_dir={work / f'run-seed{seed}'}",
         f"trainer.seed={seed}",
-        f"model.kind={args.model}",
+        *model_overrides(args, work),
         *args.overrides,
     ]
     if args.max_len:
@@ -70,6 +81,11 @@ def run_once(args, seed: int, work: Path) -> dict:
         train(cfg, resume=False)
         summary = json.loads(summary_path.read_text())
     final = summary["windows"][-1]
+    extra = {}
+    if args.cold_start or args.model == "sid":
+        extra["cold"] = cold_start_metrics(cfg, work, final["best_epoch_step"])
+        # scoring time of those users (encoder + beam search, batches of batch_size)
+        extra["ms_per_user"] = round(1000 * extra["cold"].pop("score_seconds"), 3)
     # epoch rows; with trainer.eval_every > 1 only some carry validation metrics
     validated = [row for row in summary["windows"][:-1] if "valid/recall@10" in row]
     return {
@@ -86,7 +102,138 @@ def run_once(args, seed: int, work: Path) -> dict:
         "valid_most_popular": {
             m: validated[0].get(f"valid/most_popular/{m}") if validated else None for m in METRICS
         },
+        **extra,
     }
+
+
+def config_name(args) -> str:
+    if args.config:
+        return args.config
+    return SID_CONFIGS[args.dataset] if args.model == "sid" else DATASETS[args.dataset][0]
+
+
+def model_overrides(args, work: Path) -> list[str]:
+    if args.model != "sid":
+        return [f"model.kind={args.model}"]
+    return [f"model.generative.codes={work / 'prepared' / 'semantic' / 'codes.parquet'}"]
+
+
+def make_codes(args, work: Path) -> None:
+    """`--model sid`: semantic-ID codes into work/prepared/semantic (once for every seed):
+    a short HSTU run on the same data, its export, `genrec tokenize` of its item table
+    (and/or the item attributes, `--sid-vectors`), with the sid config's semantic section."""
+    from genrec.config import load_config
+    from genrec.semantic.tokenize import summary, tokenize
+
+    prepared = work / "prepared"
+    if (prepared / "semantic" / "codes.parquet").is_file():
+        return
+    sem = []
+    if args.sid_vectors in ("collab", "both"):
+        sem.append(f"semantic.artifact={collab_artifact(args, work)}")
+    if args.sid_vectors in ("attributes", "both"):
+        rel = DATASETS[args.dataset][2].replace(".txt", "_item2attributes.json")
+        sem.append(f"semantic.attributes={Path(args.data_dir) / rel}")
+    else:
+        sem.append("semantic.attributes=")
+    cfg = load_config(
+        ROOT / "genrec" / "configs" / config_name(args),
+        [f"data.prepared_dir={prepared}", "semantic.out_dir=", *sem, *args.overrides],
+    )
+    for line in summary(tokenize(cfg)):
+        print(f"tokenize: {line}", file=sys.stderr)
+
+
+def collab_artifact(args, work: Path) -> Path:
+    """The dataset's HSTU config trained `--collab-epochs` (seed 0) and exported (no AOT):
+    its item table is the collaborative vectors."""
+    from genrec.config import load_config
+    from genrec.deploy.export import export
+    from genrec.trainer.checkpoint import checkpoint_path
+    from genrec.trainer.launch import train
+
+    artifact = work / "collab-artifact"
+    if (artifact / "manifest.json").is_file():
+        return artifact
+    run = work / "collab-run"
+    cfg = load_config(
+        ROOT / "genrec" / "configs" / DATASETS[args.dataset][0],
+        [
+            f"data.prepared_dir={work / 'prepared'}",
+            f"trainer.run_dir={run}",
+            f"trainer.epochs={args.collab_epochs}",
+            "trainer.seed=0",
+        ],
+    )
+    t0 = time.time()
+    train(cfg, resume=False)
+    best = json.loads((run / "summary.json").read_text())["windows"][-1]
+    print(
+        f"collaborative vectors: HSTU {args.collab_epochs} epochs in {time.time() - t0:.0f} s, "
+        f"test R@10 {best['test/recall@10']:.4f}",
+        file=sys.stderr,
+    )
+    export(str(checkpoint_path(run, best["best_epoch_step"])), str(artifact), compile_aot=False)
+    return artifact
+
+
+def cold_start_metrics(cfg, work: Path, step: int) -> dict:
+    """Test metrics of the cold-start users (`make_cold_split`): the best checkpoint scored
+    on a prepared directory holding only them (same catalog)."""
+    import dataclasses
+
+    from genrec.trainer.checkpoint import checkpoint_path
+    from genrec.trainer.launch import evaluate
+
+    cold_dir = work / "prepared-cold"
+    cold_cfg = dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, prepared_dir=str(cold_dir))
+    )
+    result = evaluate(
+        cold_cfg,
+        checkpoint=str(checkpoint_path(cfg.trainer.run_dir, step)),
+        split="test",
+        out=str(Path(cfg.trainer.run_dir) / "cold-start.json"),
+    )
+    return {
+        "users": int(result["test/users"]),
+        "score_seconds": result["score_seconds"] / result["test/users"],
+        **{m: result[f"test/{m}"] for m in METRICS},
+        **{f"most_popular/{m}": result[f"test/most_popular/{m}"] for m in METRICS},
+    }
+
+
+def make_cold_split(work: Path) -> int:
+    """work/prepared-cold: the prepared rows of the users whose test item never occurs as
+    a training target (any user's training part, positions 1.., as epochs mode trains),
+    the full catalog beside them; returns their count."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from genrec.trainer.epochs import loo_view, read_user_sequences
+
+    prepared = work / "prepared"
+    cold_dir = work / "prepared-cold"
+    if not (cold_dir / "items.parquet").is_file():
+        table = read_user_sequences(prepared)
+        train = loo_view(table, "train").column("item_ids")
+        targets = pc.list_flatten(pc.list_slice(train, 1))
+        seen = np.unique(targets.to_numpy())
+        items = table.column("item_ids").combine_chunks()
+        n = pc.list_value_length(items).to_numpy()
+        last = items.flatten().to_numpy()[np.cumsum(n) - 1]  # each user's test item
+        cold = ~np.isin(last, seen) & (n >= 3)
+        (cold_dir / "window=00000").mkdir(parents=True, exist_ok=True)
+        full = pq.read_table(next((prepared / "window=00000").glob("*.parquet")))
+        users = pa.array(table.column("user_id").to_numpy()[cold])
+        pq.write_table(
+            full.filter(pc.is_in(full.column("user_id"), users)),
+            cold_dir / "window=00000" / "part-00000.parquet",
+        )
+        (cold_dir / "items.parquet").write_bytes((prepared / "items.parquet").read_bytes())
+    return pq.read_metadata(next((cold_dir / "window=00000").glob("*.parquet"))).num_rows
 
 
 def stopped_run_summary(cfg) -> dict:
@@ -168,7 +315,21 @@ def main() -> None:
         default=os.environ.get("GENREC_DATA_DIR", str(ROOT.parent / "shared" / "data")),
     )
     p.add_argument("--dataset", choices=sorted(DATASETS), required=True)
-    p.add_argument("--model", choices=["hstu", "sasrec"], default="hstu")
+    p.add_argument("--model", choices=["hstu", "sasrec", "sid"], default="hstu")
+    p.add_argument(
+        "--sid-vectors",
+        choices=["collab", "attributes", "both"],
+        default="collab",
+        help="--model sid: the item vectors its codes are tokenized from",
+    )
+    p.add_argument(
+        "--collab-epochs", type=int, default=3, help="--model sid: epochs of the HSTU run"
+    )
+    p.add_argument(
+        "--cold-start",
+        action="store_true",
+        help="also score the test users whose item never occurs as a training target",
+    )
     p.add_argument(
         "--config",
         default="",
@@ -212,6 +373,10 @@ def main() -> None:
     ):
         work = Path(args.workdir or tmp)
         prepare_once(args, work)
+        if args.model == "sid":
+            make_codes(args, work)
+        if args.cold_start or args.model == "sid":
+            print(f"cold-start test users: {make_cold_split(work)}", file=sys.stderr)
         # each seed's trainer is a spawned process: threads here only wait on them
         with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
             runs = list(
@@ -220,11 +385,13 @@ def main() -> None:
                     range(args.first_seed, args.first_seed + args.seeds),
                 )
             )
+        stats = work / "prepared" / "semantic" / "stats.json"
+        sid_stats = json.loads(stats.read_text()) if args.model == "sid" else {}
     out = {
         "benchmark": "quality",
         "dataset": args.dataset,
         "model": args.model,
-        "config": args.config or DATASETS[args.dataset][0],
+        "config": config_name(args),
         "seeds": args.seeds,
         "overrides": args.overrides,
     }
@@ -240,6 +407,21 @@ def main() -> None:
     out["epochs"] = [r["epochs"] for r in runs]
     out["seconds_per_seed"] = [round(r["seconds"], 1) for r in runs]
     out["stopped_before_end"] = [r["stopped"] for r in runs]  # scored by --score-stopped
+    if args.cold_start or args.model == "sid":
+        out["ms_per_user"] = [r["ms_per_user"] for r in runs]
+    if args.model == "sid":
+        out["sid_vectors"] = args.sid_vectors
+        out["tokenizer"] = {
+            k: sid_stats[k] for k in ("method", "collision_rate", "unique_codes", "max_collisions")
+        }
+    if args.cold_start or args.model == "sid":
+        out["cold"] = {
+            "users": runs[0]["cold"]["users"],
+            **{
+                m: round(statistics.mean(r["cold"][m] for r in runs), 5)
+                for m in METRICS + tuple(f"most_popular/{m}" for m in METRICS)
+            },
+        }
     out["wall_s"] = round(time.time() - t0, 1)
     if args.plot:
         plot_curves(args, runs, Path(args.plot))

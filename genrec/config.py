@@ -166,9 +166,43 @@ class RankingConfig:
 
 
 @dataclass
+class GenerativeConfig:
+    """`model.task: generative`: the next item's semantic ID (genrec tokenize's codes),
+    decoded level by level after the HSTU encoder (genrec/models/generative.py)."""
+
+    # codes.parquet of `genrec tokenize`; empty: data.prepared_dir/semantic/codes.parquet
+    codes: str = ""
+    decoder_layers: int = 2  # causal transformer layers over [user state, code prefix]
+    decoder_heads: int = 2
+    decoder_dropout: float = 0.1  # the decoder's own (the encoder's is model.dropout)
+    # true: each level's softmax runs over the codes that continue the prefix to a real item
+    # (the trie's children), in training and in beam search, so the loss is the item's NLL
+    # under constrained decoding; false: over the level's whole codebook (TIGER's)
+    constrained: bool = False
+    # > 0: a level's logits are cosines of the decoder's output and the code's output
+    # vector divided by this (as the retriever scores items); 0: a plain linear head
+    temperature: float = 0.0
+    # add the item's own embedding (a table fed by item_id) to its code-token embeddings
+    item_embedding: bool = True
+    beam_width: int = 20  # constrained beam search: beams kept per user and level
+    top_k: int = 20  # items a beam search returns (<= beam_width); evaluation needs >= 10
+    exclude_history: bool = True  # drop the user's own history from the beam's items
+
+    def __post_init__(self):
+        if not 1 <= self.top_k <= self.beam_width:
+            raise ConfigError(
+                f"model.generative.top_k={self.top_k}: expected 1 <= top_k <= beam_width "
+                f"({self.beam_width})"
+            )
+        if self.decoder_layers < 1 or self.decoder_heads < 1:
+            raise ConfigError("model.generative.decoder_layers and decoder_heads must be >= 1")
+
+
+@dataclass
 class ModelConfig:
     kind: Literal["hstu", "sasrec"] = "hstu"
-    task: Literal["retrieval", "ranking"] = "retrieval"
+    # generative: semantic-ID generation with constrained beam search (model.generative)
+    task: Literal["retrieval", "ranking", "generative"] = "retrieval"
     dim: int = 64
     num_layers: int = 2
     num_heads: int = 2
@@ -209,6 +243,7 @@ class ModelConfig:
     user_feature_tokens: list[str] = field(default_factory=list)  # contextual tokens
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     ranking: RankingConfig = field(default_factory=RankingConfig)
+    generative: GenerativeConfig = field(default_factory=GenerativeConfig)
 
 
 @dataclass
@@ -538,6 +573,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 # --------------------------------------------------------------------------- cross-field checks
 
 ITEM_FEATURE = "item_id"  # the feature every model embeds (data_pipeline.batch.ITEM_KEY)
+# model.task=generative: every event's semantic-ID tokens (level l's code + the level's row
+# offset), looked up from item_id by the model; not a column of the batches
+SID_FEATURE = "sid"
 
 
 def _not_in_source(key: str, feature: str, source: str, features: tuple[str, ...]) -> ConfigError:
@@ -564,7 +602,12 @@ def check_features(cfg: Config) -> None:
     source = cfg.data.source
     if source == "parquet":  # a parquet log carries the context columns its mapping names
         source = source_spec(cfg.data.parquet)
-    features = batch_features(source)
+    generative = cfg.model.task == "generative"
+    # generative: the model derives the sid feature from item_id; its items' own embedding
+    # is optional (model.generative.item_embedding)
+    derived = (SID_FEATURE,) if generative else ()
+    needs_item = not generative or cfg.model.generative.item_embedding
+    features = (*batch_features(source), *derived)
     tables = cfg.embeddings.tables
     embedded = {f: t.name for t in tables for f in t.features}
     for i, t in enumerate(tables):
@@ -581,18 +624,27 @@ def check_features(cfg: Config) -> None:
                 f"{key}: {f!r} is embedded by no table of embeddings.tables "
                 f"({[t.name for t in tables]}); add it to a table's features"
             )
-    if ITEM_FEATURE not in embedded:
-        raise ConfigError(
-            f"embeddings.tables: no table embeds {ITEM_FEATURE!r} (tables: "
-            f"{ {t.name: t.features for t in tables} }); every model embeds its items"
-        )
-    read = {ITEM_FEATURE, *tokens}
+    for f in (ITEM_FEATURE,) * needs_item + derived:
+        if f not in embedded:
+            why = (
+                "the generative task embeds each event's codes"
+                if f in derived
+                else "every model embeds its items"
+            )
+            raise ConfigError(
+                f"embeddings.tables: no table embeds {f!r} (tables: "
+                f"{ {t.name: t.features for t in tables} }); {why}"
+            )
+    if generative and cfg.model.kind != "hstu":
+        raise ConfigError(f"model.task=generative: model.kind must be hstu, got {cfg.model.kind!r}")
+    read = {ITEM_FEATURE, *tokens} if needs_item else set(tokens)
+    read |= set(derived)
     for i, t in enumerate(tables):
         if not read & set(t.features):
             raise ConfigError(
                 f"embeddings.tables[{i}] ({t.name!r}): no feature the model reads feeds it "
-                f"(its features {t.features}; the model reads {ITEM_FEATURE!r} and "
-                f"model.user_feature_tokens {tokens}); list one of its features in "
+                f"(its features {t.features}; the model reads {sorted(read)}, "
+                f"model.user_feature_tokens {tokens} included); list one of its features in "
                 "model.user_feature_tokens or remove the table"
             )
     if cfg.model.task == "ranking":

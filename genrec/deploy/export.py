@@ -208,6 +208,10 @@ def export(
             )
         shutil.rmtree(dest)
     dest.mkdir(parents=True, exist_ok=True)
+    if cfg.model.task == "generative":  # eager decoder + codes (deploy/semantic_artifact.py)
+        from genrec.deploy.semantic_artifact import export_generative
+
+        return export_generative(model, cfg, state, checkpoint, dest)
     files: list[str] = []
     extra: dict = {}
     if cfg.model.task == "retrieval":

@@ -74,10 +74,10 @@ class GenrecService:
     def __init__(self, artifact: str, threads: int) -> None:
         import torch
 
-        from genrec.deploy.artifact import Artifact
+        from genrec.deploy.semantic_artifact import load_artifact
 
         torch.set_num_threads(max(1, threads))
-        self.art = Artifact(artifact)
+        self.art = load_artifact(artifact)  # generative: SemanticArtifact (beam search)
         self.limits = self.art.limits
         self.num_actions = self.art.cfg.model.num_actions
 
@@ -116,7 +116,7 @@ class GenrecService:
     @app.post("/recommend")
     async def recommend(self, request: Request):
         try:
-            if self.art.task != "retrieval":
+            if self.art.task not in ("retrieval", "generative"):
                 raise RequestError(
                     "endpoint",
                     f"/recommend needs a retrieval artifact; this one is "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from genrec.config import Config
+from genrec.models.generative import HSTUGenerative
 from genrec.models.ranking import HSTURanking
 from genrec.models.retrieval import HSTURetrieval
 from genrec.models.sasrec import SASRecRanking, SASRecRetrieval
@@ -12,6 +13,7 @@ from genrec.models.sasrec import SASRecRanking, SASRecRetrieval
 MODELS: dict[tuple[str, str], type[nn.Module]] = {
     ("hstu", "retrieval"): HSTURetrieval,
     ("hstu", "ranking"): HSTURanking,
+    ("hstu", "generative"): HSTUGenerative,
     ("sasrec", "retrieval"): SASRecRetrieval,
     ("sasrec", "ranking"): SASRecRanking,
 }

@@ -81,10 +81,16 @@ class CodeTrie:
 
 @torch.no_grad()
 def beam_search(
-    step: StepFn, trie: CodeTrie, batch_size: int, beam_width: int, top_k: int
+    step: StepFn,
+    trie: CodeTrie,
+    batch_size: int,
+    beam_width: int,
+    top_k: int,
+    renormalize: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Items [B, top_k] int64 and their scores [B, top_k] (summed log-probabilities),
-    best first. top_k <= beam_width."""
+    best first. top_k <= beam_width. `renormalize`: each level's softmax over the valid
+    continuations only (a model trained that way); else over the whole vocabulary."""
     if not 1 <= top_k <= beam_width:
         raise ValueError(f"top_k must be in [1, beam_width={beam_width}], got {top_k}")
     b, w = batch_size, beam_width
@@ -98,14 +104,17 @@ def beam_search(
             raise ValueError(
                 f"step returned logits {tuple(logits.shape)}; expected [{b * w}, >= {trie.vocab}]"
             )
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        vocab = logp.shape[1]
-        allowed = torch.full_like(logp, float("-inf"))
+        vocab = logits.shape[1]
+        allowed = torch.full((b * w, vocab), float("-inf"))
         next_node = torch.zeros(b * w, vocab, dtype=torch.long)
         row, token, child = trie.children(nodes)
         allowed[row, token] = 0.0
         next_node[row, token] = child
-        cand = (scores.reshape(-1, 1) + logp + allowed).reshape(b, w * vocab)
+        if renormalize:  # dead beams (-inf score, every token allowed) stay dead
+            logp = torch.log_softmax(logits.float() + allowed, dim=-1).nan_to_num(float("-inf"))
+        else:
+            logp = torch.log_softmax(logits.float(), dim=-1) + allowed
+        cand = (scores.reshape(-1, 1) + logp).reshape(b, w * vocab)
         scores, flat = cand.topk(w, dim=1)
         beam = flat // vocab + torch.arange(b).unsqueeze(1) * w
         token = flat % vocab

@@ -59,11 +59,13 @@ def run_evaluation(cfg: Config, ctx: DistContext, checkpoint: str, split: str, o
         "mode": cfg.trainer.mode,
         "world_size": ctx.world_size,
     }
+    t_score = time.time()
     if epochs:
         result["split"] = split
         result.update({f"{split}/{k}": v for k, v in trainer.score_split(split).items()})
     else:
         result["windows"] = trainer.score_windows()
+    result["score_seconds"] = time.time() - t_score  # the scoring alone, restore excluded
     result["seconds"] = time.time() - t0
     if ctx.is_main:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -297,4 +297,8 @@ TASKS = {"retrieval": RetrievalTask, "ranking": RankingTask}
 
 def build_task(cfg: Config, model, catalog: torch.Tensor, device: torch.device) -> Task:
     """The task object for model.task around the (DMP-wrapped) model."""
+    if cfg.model.task == "generative":  # its module imports this one: imported here
+        from genrec.trainer.generative_task import GenerativeTask as task  # noqa: N813
+
+        return task(cfg, model, catalog, device)
     return TASKS[cfg.model.task](cfg, model, catalog, device)

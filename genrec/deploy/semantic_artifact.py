@@ -1,0 +1,172 @@
+"""Export and serving of a generative (semantic-ID) model: the decoder and the codes.
+
+    ARTIFACT/manifest.json      task "generative"; sha256 of every other file (as artifact.py)
+    ARTIFACT/model.safetensors  the unsharded state dict (encoder, code tables, decoder)
+    ARTIFACT/codes.parquet      item_id -> code, the codes the model was trained on; the
+                                trie of valid codes is rebuilt from it at load
+
+The runtime is eager, not a torch.export program: constrained beam search walks the trie
+with data-dependent shapes. `SemanticArtifact.recommend` answers exactly as the offline
+evaluation scores a test user (GenerativeTask.evaluate): each history (its last
+model.max_len - 1 events) gets one placeholder event after it, whose target position's
+state is the state after the history (the encoder is causal: the placeholder is never
+read), then `generate` with model.generative.beam_width / top_k, the history dropped,
+the first k. Served top-k == offline beam search (tests/semantic/test_generative.py).
+`load_artifact(dir)` picks this class or `artifact.Artifact` by the manifest's task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from genrec.config import Config, from_dict, to_dict
+from genrec.data_pipeline.batch import ITEM_KEY, sequences_from_rows
+from genrec.deploy.artifact import (
+    FORMAT_VERSION,
+    MANIFEST,
+    WEIGHTS,
+    Artifact,
+    Recommendation,
+    _per,
+    file_entries,
+    read_manifest,
+)
+from genrec.deploy.programs import hashing_spec
+from genrec.models.generative import codes_path, drop_history
+
+CODES = "codes.parquet"
+TASK = "generative"
+
+
+def export_generative(model, cfg: Config, state: dict, checkpoint: str, dest: Path) -> dict:
+    """Write the weights, the codes and the manifest into `dest` (empty); the manifest."""
+    from safetensors.torch import save_file
+
+    from genrec.deploy.export import _versions
+
+    save_file(
+        {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()},
+        str(dest / WEIGHTS),
+    )
+    shutil.copyfile(codes_path(cfg), dest / CODES)
+    files = [WEIGHTS, CODES]
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "created_unix": int(time.time()),
+        "task": TASK,
+        "model_kind": cfg.model.kind,
+        "source_checkpoint": {
+            "path": str(Path(checkpoint).resolve()),
+            "step": state.get("step"),
+            "world_size": state.get("world_size"),
+        },
+        "device": "cpu",
+        "compiled": False,
+        "hashing": hashing_spec(cfg),
+        "feature_spec": {"max_len": cfg.model.max_len},
+        "generative": {
+            "items": int(model.codes.ids.numel()),
+            "levels": model.codes.level_sizes,
+            "beam_width": cfg.model.generative.beam_width,
+            "top_k": cfg.model.generative.top_k,
+        },
+        "packages": _versions(),
+        "config": to_dict(cfg),
+        "files": file_entries(dest, files),
+    }
+    (dest / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    return manifest
+
+
+class SemanticArtifact:
+    """A loaded generative artifact: `recommend` by constrained beam search."""
+
+    task = TASK
+    backend = "eager"
+    index = None
+    reranker = None
+
+    def __init__(self, directory: str | Path, verify: bool = True) -> None:
+        from safetensors.torch import load_file
+
+        from genrec.models.build import build_model
+
+        self.dir = Path(directory)
+        self.manifest = read_manifest(self.dir, verify=verify)
+        cfg = from_dict(self.manifest["config"])
+        gen = dataclasses.replace(cfg.model.generative, codes=str(self.dir / CODES))
+        self.cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, generative=gen))
+        self.item_hashing = self.manifest["hashing"]["features"].get(ITEM_KEY, {})
+        self.model = build_model(self.cfg)
+        self.model.load_state_dict(load_file(str(self.dir / WEIGHTS)))
+        self.model.eval()
+        self.placeholder = int(self.model.codes.ids[0])  # any coded item: never read
+
+    @property
+    def limits(self):
+        return self.cfg.deploy
+
+    @torch.no_grad()
+    def recommend(
+        self,
+        histories,
+        k: int | list[int],
+        timestamps=None,
+        actions=None,
+        exclude_history: bool | list[bool] = True,
+        rerank: int | list[int] = 0,
+    ) -> list[Recommendation]:
+        """Top k items per history by beam search (k <= model.generative.top_k)."""
+        n = len(histories)
+        ks, excl, reranks = (_per(x, n) for x in (k, exclude_history, rerank))
+        g = self.cfg.model.generative
+        if max(ks) > g.top_k or any(reranks):
+            raise ValueError(
+                f"a generative artifact returns at most model.generative.top_k={g.top_k} "
+                "items and has no ranker to rerank with"
+            )
+        keep = self.cfg.model.max_len - 1
+        rows = {"user_id": [], "window": [], "item_ids": [], "timestamps": [], "actions": []}
+        for b, h in enumerate(histories):
+            h = [int(x) for x in h][-keep:]
+            ts = list(timestamps[b])[-keep:] if timestamps and timestamps[b] else [0] * len(h)
+            act = list(actions[b])[-keep:] if actions and actions[b] else [0] * len(h)
+            rows["user_id"].append(b)
+            rows["window"].append(0)
+            rows["item_ids"].append([*h, self.placeholder])
+            rows["timestamps"].append([*map(int, ts), int(ts[-1]) if ts else 0])
+            rows["actions"].append([*map(int, act), 0])
+        table = pa.table(
+            {
+                **{c: pa.array(v, pa.list_(pa.int64())) for c, v in rows.items() if c[-1] == "s"},
+                "user_id": pa.array(rows["user_id"], pa.int64()),
+                "window": pa.array(rows["window"], pa.int32()),
+                "num_history": pa.array([len(r) - 1 for r in rows["item_ids"]], pa.int32()),
+            }
+        )
+        batch = sequences_from_rows(table, self.cfg.model.max_len)
+        items, scores, _, tgt, pos_rows = self.model.generate(batch, g.beam_width, g.top_k)
+        kept = drop_history(batch, items, tgt, pos_rows, g.top_k)
+        out = []
+        for b in range(n):
+            ids = kept[b] if excl[b] else items[b]
+            sc = [float(scores[b][items[b] == i][0]) for i in ids.tolist() if i >= 0]
+            ids = ids[ids >= 0][: ks[b]].numpy()
+            out.append(Recommendation(ids, np.asarray(sc[: ks[b]], np.float32)))
+        return out
+
+
+def load_artifact(directory: str | Path, prefer_aot: bool = True, verify: bool = True):
+    """`SemanticArtifact` for a generative artifact, else `artifact.Artifact`."""
+    manifest = read_manifest(directory, verify=False)
+    if manifest.get("task") == TASK:
+        return SemanticArtifact(directory, verify=verify)
+    return Artifact(directory, prefer_aot=prefer_aot, verify=verify)
