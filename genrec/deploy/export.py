@@ -109,6 +109,34 @@ def item_embeddings(model: torch.nn.Module, ids: np.ndarray) -> np.ndarray:
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
+def save_weights(model: torch.nn.Module, dest: Path) -> None:
+    """The model's full state dict as dest/WEIGHTS (safetensors)."""
+    save_file(
+        {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()},
+        str(dest / WEIGHTS),
+    )
+
+
+def manifest_fields(cfg: Config, state: dict, checkpoint, compiled: bool) -> dict:
+    """The manifest fields every artifact kind shares: format, task, source checkpoint,
+    device, packages and the run's config."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "created_unix": int(time.time()),
+        "task": cfg.model.task,
+        "model_kind": cfg.model.kind,
+        "source_checkpoint": {
+            "path": str(Path(checkpoint).resolve()),
+            "step": state.get("step"),
+            "world_size": state.get("world_size"),
+        },
+        "device": "cpu",
+        "compiled": compiled,
+        "packages": _versions(),
+        "config": to_dict(cfg),
+    }
+
+
 def _versions() -> dict:
     out = {"python": platform.python_version()}
     for dist in ("torch", "torchrec", "fbgemm_gpu-cpu", "faiss-cpu", "safetensors", "genrec"):
@@ -239,29 +267,14 @@ def export(
             ],
         }
         files += _export_program(RankerProgram(model, cfg), RANKER, dest, cfg, compile_aot)
-    save_file(
-        {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()},
-        str(dest / WEIGHTS),
-    )
+    save_weights(model, dest)
     files.append(WEIGHTS)
     vocab_files = _copy_vocabularies(model, dest)
     files += list(vocab_files.values())
     manifest = {
-        "format_version": FORMAT_VERSION,
-        "created_unix": int(time.time()),
-        "task": cfg.model.task,
-        "model_kind": cfg.model.kind,
-        "source_checkpoint": {
-            "path": str(Path(checkpoint).resolve()),
-            "step": state.get("step"),
-            "world_size": state.get("world_size"),
-        },
-        "device": "cpu",
-        "compiled": compile_aot,
+        **manifest_fields(cfg, state, checkpoint, compiled=compile_aot),
         "hashing": hashing_spec(cfg, {f: sha256_file(dest / n) for f, n in vocab_files.items()}),
         "feature_spec": _feature_spec(cfg, cfg.model.task == "ranking"),
-        "packages": _versions(),
-        "config": to_dict(cfg),
         **extra,
         "files": file_entries(dest, files),
     }

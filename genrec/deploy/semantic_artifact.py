@@ -20,17 +20,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from genrec.config import Config, from_dict, to_dict
+from genrec.config import Config, from_dict
 from genrec.data_pipeline.batch import ITEM_KEY, sequences_from_rows
 from genrec.deploy.artifact import (
-    FORMAT_VERSION,
     MANIFEST,
     WEIGHTS,
     Artifact,
@@ -48,28 +46,13 @@ TASK = "generative"
 
 def export_generative(model, cfg: Config, state: dict, checkpoint: str, dest: Path) -> dict:
     """Write the weights, the codes and the manifest into `dest` (empty); the manifest."""
-    from safetensors.torch import save_file
+    from genrec.deploy.export import manifest_fields, save_weights
 
-    from genrec.deploy.export import _versions
-
-    save_file(
-        {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()},
-        str(dest / WEIGHTS),
-    )
+    save_weights(model, dest)
     shutil.copyfile(codes_path(cfg), dest / CODES)
     files = [WEIGHTS, CODES]
     manifest = {
-        "format_version": FORMAT_VERSION,
-        "created_unix": int(time.time()),
-        "task": TASK,
-        "model_kind": cfg.model.kind,
-        "source_checkpoint": {
-            "path": str(Path(checkpoint).resolve()),
-            "step": state.get("step"),
-            "world_size": state.get("world_size"),
-        },
-        "device": "cpu",
-        "compiled": False,
+        **manifest_fields(cfg, state, checkpoint, compiled=False),
         "hashing": hashing_spec(cfg),
         "feature_spec": {"max_len": cfg.model.max_len},
         "generative": {
@@ -78,8 +61,6 @@ def export_generative(model, cfg: Config, state: dict, checkpoint: str, dest: Pa
             "beam_width": cfg.model.generative.beam_width,
             "top_k": cfg.model.generative.top_k,
         },
-        "packages": _versions(),
-        "config": to_dict(cfg),
         "files": file_entries(dest, files),
     }
     (dest / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
