@@ -26,10 +26,10 @@ from genrec.config import Config
 from genrec.data_pipeline.batch import Batch
 from genrec.models.generative import drop_history
 from genrec.trainer.progressive import PopularityBaseline, TopKMetrics
-from genrec.trainer.tasks import Tensors, _resharded_counts, batch_target_mask
+from genrec.trainer.tasks import BaselineState, batch_target_mask
 
 
-class GenerativeTask:
+class GenerativeTask(BaselineState):
     selection_key = "ndcg@10"
     selection_sign = 1.0
 
@@ -69,30 +69,14 @@ class GenerativeTask:
 
     def check_items(self, items: torch.Tensor) -> None:
         """Every beam result is a catalog item (-1: fewer codes than top_k, a tiny catalog)."""
-        real = items[items >= 0]
-        idx = torch.searchsorted(self.catalog, real).clamp_max(self.catalog.numel() - 1)
-        bad = self.catalog[idx] != real
+        real = items[items >= 0].cpu()
+        bad = self.baseline.index(real) < 0  # the baseline's catalog rows: -1 outside
         if bool(bad.any()):
             raise RuntimeError(
                 f"beam search returned {int(bad.sum())} items outside the catalog (first: "
                 f"{int(real[bad][0])}): the codes file holds items the prepared data lacks; "
                 "tokenize the prepared catalog (model.generative.codes)"
             )
-
-    def sync(self) -> None:
-        self.baseline.sync()
-
-    def state_tensors(self) -> tuple[Tensors, Tensors]:
-        return {"baseline.counts": self.baseline.counts}, {"baseline.delta": self.baseline.delta}
-
-    def load_state_tensors(self, shared: Tensors, own: Tensors) -> None:
-        self.baseline.load(shared["baseline.counts"], own["baseline.delta"])
-
-    def reshard(
-        self, shared: Tensors, owns: list[Tensors], world_size: int
-    ) -> list[tuple[Tensors, Tensors]]:
-        counts, zero = _resharded_counts(shared["baseline.counts"], owns, "baseline.delta")
-        return [({"baseline.counts": counts}, {"baseline.delta": zero})] * world_size
 
     def describe(self, row: dict, prefix: str = "") -> str:
         return (

@@ -191,9 +191,36 @@ class RetrievalTask:
         )
 
 
-class RankingTask:
+class BaselineState:
+    """sync / state / reshard of a task whose only host state is `self.baseline` (catalog
+    counts: synced counts saved once, each rank's delta its own), saved under `state_key`."""
+
+    state_key = "baseline"
+
+    def sync(self) -> None:
+        self.baseline.sync()
+
+    def state_tensors(self) -> tuple[Tensors, Tensors]:
+        k = self.state_key
+        return {f"{k}.counts": self.baseline.counts}, {f"{k}.delta": self.baseline.delta}
+
+    def load_state_tensors(self, shared: Tensors, own: Tensors) -> None:
+        k = self.state_key
+        self.baseline.load(shared[f"{k}.counts"], own[f"{k}.delta"])
+
+    def reshard(
+        self, shared: Tensors, owns: list[Tensors], world_size: int
+    ) -> list[tuple[Tensors, Tensors]]:
+        k = self.state_key
+        counts, zero = _resharded_counts(shared[f"{k}.counts"], owns, f"{k}.delta")
+        return [({f"{k}.counts": counts}, {f"{k}.delta": zero})] * world_size
+
+
+class RankingTask(BaselineState):
     """Multi-task ranking of each sequence's candidates (its target events): BCE / MSE per
     task; progressive AUC, NE and calibration per task against the item-rate baseline."""
+
+    state_key = "item_rate"
 
     def __init__(self, cfg: Config, model, catalog: torch.Tensor, device: torch.device) -> None:
         self.cfg, self.model, self.device = cfg, model, device
@@ -228,21 +255,6 @@ class RankingTask:
         logits, cand, _ = module.predict(batch)
         labels = module.labels(batch, cand)
         metrics.add(logits.cpu(), labels.cpu(), self.baseline.rates(batch.item_ids[cand].cpu()))
-
-    def sync(self) -> None:
-        self.baseline.sync()
-
-    def state_tensors(self) -> tuple[Tensors, Tensors]:
-        return {"item_rate.counts": self.baseline.counts}, {"item_rate.delta": self.baseline.delta}
-
-    def load_state_tensors(self, shared: Tensors, own: Tensors) -> None:
-        self.baseline.load(shared["item_rate.counts"], own["item_rate.delta"])
-
-    def reshard(
-        self, shared: Tensors, owns: list[Tensors], world_size: int
-    ) -> list[tuple[Tensors, Tensors]]:
-        counts, zero = _resharded_counts(shared["item_rate.counts"], owns, "item_rate.delta")
-        return [({"item_rate.counts": counts}, {"item_rate.delta": zero})] * world_size
 
     def describe(self, row: dict, prefix: str = "") -> str:
         return describe_ranking(row, prefix)
