@@ -200,3 +200,45 @@ def test_constrained_softmax_masks_match_the_catalog_and_the_beam_scores(data):
         best = model.codes(items[:, 0])
         nll = model.decoder.nll(states, best, model.allowed(best))
     torch.testing.assert_close(-nll, scores[:, 0], atol=1e-4, rtol=1e-4)
+
+
+def test_dense_head_trains_on_two_ranks_and_reorders_the_beam_by_the_fused_score(data):
+    """model.generative.dense_loss (LIGER): the encoder's state also learns the next item
+    by the retriever's sampled softmax. The beam still proposes (every result a catalog
+    item); its items come back ordered by log p_beam + dense_fusion * cos / temperature,
+    recomputed here by hand from the pure beam and the item table. A 1-rank evaluate
+    equals the 2-rank run, and the served top-k equals the offline one."""
+    extra = ("model.generative.dense_loss=1.0", "model.generative.dense_fusion=0.5")
+    cfg = _cfg(data, "dense", "trainer.world_size=2", "sharding.topology.world_size=2", *extra)
+    train(cfg, resume=False)
+    test = json.loads((data / "dense" / "summary.json").read_text())["windows"][-1]
+    assert test["test/recall@5"] > 0.9, test
+    one = evaluate(_cfg(data, "dense", *extra), split="test")
+    for key in ("test/recall@5", "test/ndcg@5", "test/recall@10", "test/ndcg@10"):
+        assert one[key] == pytest.approx(test[key], abs=1e-12), key
+
+    model = _load(_cfg(data, "dense", *extra), data / "dense", test["best_epoch_step"])
+    table = loo_view(read_user_sequences(data / "prepared"), "test")
+    batch = sequences_from_rows(table, 20)
+    items, scores, _, tgt, rows = model.generate(batch, beam_width=10, top_k=10)
+    with torch.no_grad():
+        states = model._states(batch)[0]
+        beam_items, beam_logp = model.decode(states, 10, 10)
+        looked_up = model.sparse.rows_of("item_id", beam_items.reshape(-1))
+        vec = torch.nn.functional.normalize(looked_up, dim=-1)
+        cos = (
+            torch.nn.functional.normalize(states, dim=-1)[:, None] * vec.view(*beam_items.shape, -1)
+        ).sum(-1)
+    fused = beam_logp + 0.5 * cos / cfg.model.retrieval.temperature
+    want, order = torch.sort(fused, dim=1, descending=True, stable=True)
+    torch.testing.assert_close(scores, want, atol=1e-4, rtol=1e-4)
+    np.testing.assert_array_equal(items.numpy(), torch.gather(beam_items, 1, order).numpy())
+    assert not torch.equal(items, beam_items), "the fusion re-ordered nothing"
+
+    export(str(ckpt.checkpoint_path(data / "dense", test["best_epoch_step"])), str(data / "dart"))
+    served = load_artifact(data / "dart").recommend(
+        [r[:-1] for r in table.column("item_ids").to_pylist()], k=10
+    )
+    offline = drop_history(batch, items, tgt, rows, 10)
+    for b, rec in enumerate(served):
+        np.testing.assert_array_equal(rec.ids, offline[b][offline[b] >= 0].numpy())
