@@ -194,6 +194,9 @@ class GenerativeConfig:
     # beam proposes (every result stays a coded item), both heads score
     dense_loss: float = 0.0
     dense_fusion: float = 1.0
+    # true: the dense head reads the encoder's state without sending its gradient back (the
+    # encoder learns from the code NLL alone; the head and the item table from the dense loss)
+    dense_stop_grad: bool = False
 
     def __post_init__(self):
         if self.dense_loss < 0 or self.dense_fusion < 0:

@@ -214,6 +214,11 @@ class HSTUGenerative(nn.Module):
         self._trie: CodeTrie | None = None
         self.rcfg = cfg.model.retrieval
         self.dense = self.gcfg.dense_loss > 0
+        # the dense head: the state mapped into the item table's space (identity at init)
+        self.dense_head = nn.Linear(cfg.model.dim, cfg.model.dim) if self.dense else None
+        if self.dense_head is not None:
+            nn.init.eye_(self.dense_head.weight)
+            nn.init.zeros_(self.dense_head.bias)
         item_dim = self.sparse.feature_dim(ITEM_KEY) if self.item_feature else 0
         if self.dense and item_dim != cfg.model.dim:
             raise ConfigError(
@@ -274,12 +279,18 @@ class HSTUGenerative(nn.Module):
         """Vectors as the dense head scores them (model.retrieval.similarity)."""
         return F.normalize(x, dim=-1) if self.rcfg.similarity == "cosine" else x
 
+    def dense_states(self, states: torch.Tensor) -> torch.Tensor:
+        """The dense head's user vectors [P, D] of encoder states, as scored."""
+        if self.gcfg.dense_stop_grad:
+            states = states.detach()
+        return self._scored(self.dense_head(states))
+
     def _dense_loss(
         self, e: Encoded, pos_ids: torch.Tensor, negatives: torch.Tensor, neg_log_q: torch.Tensor
     ) -> torch.Tensor:
         """The retriever's sampled softmax of the state before each target (its item)."""
         return sampled_softmax_loss(
-            self._scored(e.states),
+            self.dense_states(e.states),
             self._scored(e.item_rows[e.tgt]),
             pos_ids,
             self._scored(e.neg_rows),
@@ -301,7 +312,7 @@ class HSTUGenerative(nn.Module):
         vec = self._scored(self.sparse.rows_of(ITEM_KEY, ids.to(states.device)))[: flat.numel()]
         if items.numel() == 0:
             return items, scores
-        dense = (self._scored(states)[:, None, :] * vec.reshape(*items.shape, -1)).sum(-1)
+        dense = (self.dense_states(states)[:, None, :] * vec.reshape(*items.shape, -1)).sum(-1)
         fused = scores + self.gcfg.dense_fusion * dense.float().cpu() / self.rcfg.temperature
         fused = fused.masked_fill(items < 0, float("-inf"))
         fused, order = torch.sort(fused, dim=1, descending=True, stable=True)

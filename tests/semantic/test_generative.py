@@ -226,9 +226,7 @@ def test_dense_head_trains_on_two_ranks_and_reorders_the_beam_by_the_fused_score
         beam_items, beam_logp = model.decode(states, 10, 10)
         looked_up = model.sparse.rows_of("item_id", beam_items.reshape(-1))
         vec = torch.nn.functional.normalize(looked_up, dim=-1)
-        cos = (
-            torch.nn.functional.normalize(states, dim=-1)[:, None] * vec.view(*beam_items.shape, -1)
-        ).sum(-1)
+        cos = (model.dense_states(states)[:, None] * vec.view(*beam_items.shape, -1)).sum(-1)
     fused = beam_logp + 0.5 * cos / cfg.model.retrieval.temperature
     want, order = torch.sort(fused, dim=1, descending=True, stable=True)
     torch.testing.assert_close(scores, want, atol=1e-4, rtol=1e-4)
