@@ -15,6 +15,7 @@ import torch
 
 from genrec.config import from_dict
 from genrec.data_pipeline.batch import make_batch
+from genrec.data_pipeline.model_inputs import read_model_inputs
 from genrec.data_pipeline.vocabulary import Vocabulary, vocab_path, write_item_vocabulary
 from genrec.deploy.artifact import Artifact, ArtifactError
 from genrec.deploy.programs import item_rows_np
@@ -75,7 +76,8 @@ def test_rows_and_embeddings_agree_in_training_export_and_serving(trained):
     # training: the trainer's own module over the checkpoint it wrote
     weights, state = final_model_state(run)
     assert state["world_size"] == 2 and state["step"] == 4
-    train_model = build_model(from_dict(state["config"]))
+    train_cfg = from_dict(state["config"])
+    train_model = build_model(train_cfg, read_model_inputs(train_cfg))
     train_model.load_state_dict(weights)
     batch = make_batch(raw, np.zeros_like(raw), np.zeros_like(raw), [raw.size], [0], [0], [0])
     train_rows = train_model.sparse.hash_features(batch.features)["item_id"].values().numpy()
@@ -97,7 +99,9 @@ def test_rows_and_embeddings_agree_in_training_export_and_serving(trained):
     w_art = art.encoder.state_dict()["item_table"]
     torch.testing.assert_close(w_train, export_model.sparse.table_weight("item").detach())
     torch.testing.assert_close(w_art[serve_rows], w_train[train_rows], rtol=0, atol=0)
-    assert not torch.equal(w_train, build_model(train_model.cfg).sparse.table_weight("item"))
+    assert not torch.equal(
+        w_train, build_model(train_cfg, read_model_inputs(train_cfg)).sparse.table_weight("item")
+    )
     # the exported program on histories of seen, rare and unseen ids equals the eager model
     seqs = [
         {"item_id": h, "timestamp": np.arange(h.size) * 60, "action": np.zeros(h.size, np.int64)}

@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 
 from genrec.config import Config, from_dict, to_dict
 from genrec.data_pipeline.batch import ITEM_KEY
+from genrec.data_pipeline.model_inputs import read_model_inputs
 from genrec.data_pipeline.vocabulary import vocab_path
 from genrec.deploy.artifact import (
     ENCODER,
@@ -78,7 +79,7 @@ def load_checkpoint_model(checkpoint: str | Path) -> tuple[torch.nn.Module, Conf
     if "config" not in state:
         raise ValueError(f"{state_file}: has no 'config'; the checkpoint is too old to export")
     cfg = from_dict(state["config"])
-    model = build_model(cfg)
+    model = build_model(cfg, read_model_inputs(cfg))
     sd = {"model": model.state_dict()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no process group: loading in this process"

@@ -17,7 +17,6 @@ the first k. Served top-k == offline beam search (tests/semantic/test_generative
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 
 from genrec.config import Config, from_dict
 from genrec.data_pipeline.batch import ITEM_KEY, sequences_from_rows
+from genrec.data_pipeline.model_inputs import ModelInputs, codes_path, read_item_codes
 from genrec.deploy.artifact import (
     MANIFEST,
     WEIGHTS,
@@ -38,7 +38,7 @@ from genrec.deploy.artifact import (
     read_manifest,
 )
 from genrec.deploy.programs import hashing_spec
-from genrec.models.generative import codes_path, drop_history
+from genrec.models.generative import drop_history
 
 CODES = "codes.parquet"
 TASK = "generative"
@@ -82,11 +82,10 @@ class SemanticArtifact:
 
         self.dir = Path(directory)
         self.manifest = read_manifest(self.dir, verify=verify)
-        cfg = from_dict(self.manifest["config"])
-        gen = dataclasses.replace(cfg.model.generative, codes=str(self.dir / CODES))
-        self.cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, generative=gen))
+        self.cfg = from_dict(self.manifest["config"])
         self.item_hashing = self.manifest["hashing"]["features"].get(ITEM_KEY, {})
-        self.model = build_model(self.cfg)
+        inputs = ModelInputs(codes=read_item_codes(self.dir / CODES))  # the artifact's own
+        self.model = build_model(self.cfg, inputs)
         self.model.load_state_dict(load_file(str(self.dir / WEIGHTS)))
         self.model.eval()
         self.placeholder = int(self.model.codes.ids[0])  # any coded item: never read

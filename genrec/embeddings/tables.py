@@ -262,8 +262,8 @@ class SparseEmbeddings(torch.nn.Module):
                 if f not in (vocabularies or {}):
                     raise ValueError(
                         f"table {t.name!r} is kind: vocab but no vocabulary of feature {f!r} "
-                        "was given; build the module with SparseEmbeddings.from_config, which "
-                        "reads PREPARED/vocab/FEATURE.parquet from data.prepared_dir"
+                        "was given; pass the vocabularies read by data_pipeline.model_inputs."
+                        "read_model_inputs (PREPARED/vocab/FEATURE.parquet)"
                     )
                 check_vocab_rows(vocabularies[f], t, vocabularies[f].source or repr(f))
                 self._vocab[f] = vocabularies[f]
@@ -297,16 +297,21 @@ class SparseEmbeddings(torch.nn.Module):
             self.mc_ec = ManagedCollisionEmbeddingCollection(mc_tables, mcc)
 
     @classmethod
-    def from_config(cls, cfg: Config, device: torch.device | None = None) -> SparseEmbeddings:
-        """The model's embeddings: data_parallel tables (sharding config) replicated, vocab
-        tables' vocabularies read from data.prepared_dir."""
+    def from_config(
+        cls,
+        cfg: Config,
+        device: torch.device | None = None,
+        vocabularies: dict[str, Vocabulary] | None = None,
+    ) -> SparseEmbeddings:
+        """The model's embeddings: data_parallel tables (sharding config) replicated; the
+        kind: vocab tables' `vocabularies` as read by data_pipeline.model_inputs."""
         from genrec.sharding_plans.strategies import replicated_tables
 
         return cls(
             cfg.embeddings,
             device=device,
             replicated=replicated_tables(cfg),
-            vocabularies=load_vocabularies(cfg.embeddings, cfg.data.prepared_dir),
+            vocabularies=vocabularies,
         )
 
     def table_weight(self, name: str) -> torch.Tensor:

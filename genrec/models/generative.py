@@ -36,7 +36,6 @@ catalog size, as is the beam search (L passes over B x beam_width rows).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,34 +45,13 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from genrec.config import SID_FEATURE, Config, ConfigError
 from genrec.data_pipeline.batch import ITEM_KEY, Batch
+from genrec.data_pipeline.model_inputs import ModelInputs
 from genrec.embeddings.tables import SparseEmbeddings
 from genrec.models.hstu import HSTUEncoder
 from genrec.models.losses import sampled_softmax_loss
 from genrec.models.retrieval import target_events
 from genrec.models.tokens import TokenBuilder
 from genrec.semantic.beam import CodeTrie, beam_search
-
-
-def codes_path(cfg: Config) -> Path:
-    """model.generative.codes, or data.prepared_dir/semantic/codes.parquet."""
-    g = cfg.model.generative
-    return Path(g.codes) if g.codes else Path(cfg.data.prepared_dir) / "semantic" / "codes.parquet"
-
-
-def load_codes(cfg: Config) -> tuple[np.ndarray, np.ndarray]:
-    """(item ids [N], codes [N, L]) of the configured codes file; fails naming the fix."""
-    from genrec.semantic.tokenize import read_codes
-
-    path = codes_path(cfg)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: no semantic-ID codes. Fix: run `genrec tokenize CONFIG` first (it writes "
-            "data.prepared_dir/semantic/codes.parquet) or set model.generative.codes"
-        )
-    ids, codes = read_codes(path)
-    if codes.ndim != 2 or codes.shape[1] == 0 or len(ids) == 0:
-        raise ValueError(f"{path}: expected one non-empty code per item, got {codes.shape}")
-    return ids, codes
 
 
 class ItemCodes(nn.Module):
@@ -188,12 +166,18 @@ class Encoded:
 
 
 class HSTUGenerative(nn.Module):
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, inputs: ModelInputs | None = None) -> None:
         super().__init__()
         self.cfg, self.gcfg = cfg, cfg.model.generative
-        ids, codes = load_codes(cfg)
-        self.codes = ItemCodes(ids, codes, str(codes_path(cfg)))
-        self.sparse = SparseEmbeddings.from_config(cfg)
+        if inputs is None or inputs.codes is None:
+            raise ValueError(
+                "model.task=generative is built from its items' codes: pass "
+                "inputs=data_pipeline.model_inputs.read_model_inputs(cfg) (reads "
+                "model.generative.codes or PREPARED/semantic/codes.parquet)"
+            )
+        table = inputs.codes
+        self.codes = ItemCodes(table.ids, table.codes, table.source)
+        self.sparse = SparseEmbeddings.from_config(cfg, vocabularies=inputs.vocabularies)
         check_sid_table(cfg, self.codes.level_sizes)
         sizes = self.codes.level_sizes
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])

@@ -41,6 +41,7 @@ from torch import nn
 
 from genrec.config import Config, ModelConfig
 from genrec.data_pipeline.batch import ITEM_KEY, Batch, StepBatch
+from genrec.data_pipeline.model_inputs import ModelInputs
 from genrec.data_pipeline.schemas import ACTIONS
 from genrec.embeddings.tables import SparseEmbeddings
 from genrec.models.hstu import HSTUEncoder
@@ -81,7 +82,7 @@ def candidate_events(batch: Batch, num: int | None = None) -> tuple[torch.Tensor
 
 
 class HSTURanking(nn.Module):
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, inputs: ModelInputs | None = None) -> None:
         super().__init__()
         rc = cfg.model.ranking
         self.cfg = cfg
@@ -110,7 +111,8 @@ class HSTURanking(nn.Module):
         self.causal = rc.causal
         self.weights = list(rc.task_weights) or [1.0] * len(self.tasks)
         self.regression = [t in rc.regression_tasks for t in self.tasks]
-        self.sparse = SparseEmbeddings.from_config(cfg)
+        vocabularies = inputs.vocabularies if inputs is not None else None
+        self.sparse = SparseEmbeddings.from_config(cfg, vocabularies=vocabularies)
         self.features = [ITEM_KEY, *cfg.model.user_feature_tokens]
         context_dims = {f: self.sparse.feature_dim(f) for f in cfg.model.user_feature_tokens}
         self.tokens = TokenBuilder(cfg.model, self.sparse.feature_dim(ITEM_KEY), context_dims)

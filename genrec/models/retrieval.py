@@ -30,6 +30,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from genrec.config import Config, ModelConfig
 from genrec.data_pipeline.batch import ITEM_KEY, Batch, StepBatch
+from genrec.data_pipeline.model_inputs import ModelInputs
 from genrec.embeddings.tables import SparseEmbeddings
 from genrec.models.hstu import HSTUEncoder
 from genrec.models.losses import bce_one_negative_loss, full_softmax_loss, sampled_softmax_loss
@@ -103,11 +104,12 @@ def step_rows(sparse: SparseEmbeddings, features: list[str], step: StepBatch, ec
 
 
 class HSTURetrieval(nn.Module):
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, inputs: ModelInputs | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.rcfg = cfg.model.retrieval
-        self.sparse = SparseEmbeddings.from_config(cfg)
+        vocabularies = inputs.vocabularies if inputs is not None else None
+        self.sparse = SparseEmbeddings.from_config(cfg, vocabularies=vocabularies)
         self.features = [ITEM_KEY, *cfg.model.user_feature_tokens]
         context_dims = {f: self.sparse.feature_dim(f) for f in cfg.model.user_feature_tokens}
         self.tokens = TokenBuilder(cfg.model, self.sparse.feature_dim(ITEM_KEY), context_dims)

@@ -19,6 +19,7 @@ from torchrec.distributed.types import ShardingEnv
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
 from genrec.config import Config
+from genrec.data_pipeline.model_inputs import read_model_inputs
 from genrec.models.build import build_model
 from genrec.sharding_plans.planner import build_plan, sharders
 from genrec.trainer.distributed import DistContext
@@ -55,7 +56,7 @@ class Assembled:
 
 def assemble(cfg: Config, ctx: DistContext) -> Assembled:
     torch.manual_seed(cfg.trainer.seed)  # identical dense init on every rank
-    model = build_model(cfg)
+    model = build_model(cfg, read_model_inputs(cfg))
     plan = build_plan(cfg, model, world_size=ctx.world_size, device_type=ctx.device.type)
     dmp = DistributedModelParallel(
         model,

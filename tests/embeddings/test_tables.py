@@ -290,6 +290,13 @@ def _vocab_cfg(prepared_dir, num_embeddings: int):
     return cfg
 
 
+def _from_prepared(cfg) -> SparseEmbeddings:
+    """As trainer assembly builds them: the vocabularies read from data.prepared_dir."""
+    from genrec.data_pipeline.model_inputs import read_model_inputs
+
+    return SparseEmbeddings.from_config(cfg, vocabularies=read_model_inputs(cfg).vocabularies)
+
+
 @pytest.mark.parametrize("replicated", [False, True])
 def test_vocab_table_maps_ids_through_the_prepared_vocabulary(tmp_path, replicated):
     """kind=vocab: seen ids read their own vocabulary row, rare and unseen ids the hashed
@@ -307,7 +314,7 @@ def test_vocab_table_maps_ids_through_the_prepared_vocabulary(tmp_path, replicat
     cfg = _vocab_cfg(tmp_path, vocab.num_rows)
     if replicated:
         cfg.sharding.overrides = {"item": "data_parallel"}
-    m = SparseEmbeddings.from_config(cfg)
+    m = _from_prepared(cfg)
     assert ("item" in m.replicated) == replicated
     ids = torch.tensor([7, 3, 10**12, 5, 42, 123456789, -4, 7])  # seen, rare (42), unseen
     kjt = KeyedJaggedTensor(
@@ -329,7 +336,7 @@ def test_vocab_table_maps_ids_through_the_prepared_vocabulary(tmp_path, replicat
     other = Vocabulary.from_counts(np.array([8, 3, 2, 5]), np.array([9, 4, 4, 2]), 1, 3)
     assert other.num_rows == vocab.num_rows
     sd["vocab_digest_item_id"] = torch.from_numpy(other.digest())
-    fresh = SparseEmbeddings.from_config(cfg)
+    fresh = _from_prepared(cfg)
     fresh.load_state_dict(sd)
     with pytest.raises(
         ValueError,
@@ -343,18 +350,18 @@ def test_vocab_table_maps_ids_through_the_prepared_vocabulary(tmp_path, replicat
         match=r"item_id.parquet: the vocabulary has 7 rows \(4 ids \+ 3 overflow\) but table "
         r"'item' \(kind: vocab\) has num_embeddings 100: set num_embeddings: 7",
     ):
-        SparseEmbeddings.from_config(cfg)
+        _from_prepared(cfg)
     cfg.data.prepared_dir = str(tmp_path / "elsewhere")
     with pytest.raises(
         FileNotFoundError,
         match=r"elsewhere/vocab/item_id.parquet is missing: "
         r"table 'item' is kind: vocab; build the file with `genrec prepare",
     ):
-        SparseEmbeddings.from_config(cfg)
+        _from_prepared(cfg)
     with pytest.raises(ValueError, match="kind: vocab but no vocabulary of feature 'item_id'"):
         SparseEmbeddings(cfg.embeddings)
     cfg.data.prepared_dir = str(tmp_path)
     cfg.embeddings.tables[0].num_embeddings = vocab.num_rows
     cfg.embeddings.tables[0].features = ["item_id", "brand_id"]
     with pytest.raises(ValueError, match="a kind: vocab table embeds exactly one feature"):
-        SparseEmbeddings.from_config(cfg)
+        _from_prepared(cfg)

@@ -21,6 +21,7 @@ import torch
 
 from genrec.config import ConfigError, load_config
 from genrec.data_pipeline.batch import sequences_from_rows
+from genrec.data_pipeline.model_inputs import read_model_inputs
 from genrec.deploy.export import export
 from genrec.deploy.semantic_artifact import SemanticArtifact, load_artifact
 from genrec.models.generative import drop_history
@@ -138,7 +139,7 @@ def test_generative_overfits_on_two_ranks_and_decodes_real_items(data):
 def _load(cfg, run_dir: Path, step: int):
     from genrec.models.build import build_model
 
-    model = build_model(cfg)
+    model = build_model(cfg, read_model_inputs(cfg))
     app = {"model": model.state_dict()}
     ckpt.load_sharded(ckpt.checkpoint_path(run_dir, step), app)
     model.load_state_dict(app["model"])
@@ -182,7 +183,8 @@ def test_constrained_softmax_masks_match_the_catalog_and_the_beam_scores(data):
     from genrec.models.build import build_model
 
     torch.manual_seed(0)
-    model = build_model(_cfg(data, "unused", "model.generative.constrained=true")).eval()
+    cfg = _cfg(data, "unused", "model.generative.constrained=true")
+    model = build_model(cfg, read_model_inputs(cfg)).eval()
     ids = np.arange(1, ITEMS + 1, dtype=np.int64)
     codes = item_codes(ids)
     allowed = model.allowed(torch.as_tensor(codes))

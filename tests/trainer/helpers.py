@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from genrec.config import Config, from_dict, load_config
+from genrec.data_pipeline.model_inputs import read_model_inputs
 from genrec.trainer import checkpoint as ckpt
 
 from ..conftest import ROOT
@@ -34,7 +35,8 @@ def final_model_state(run_dir: Path) -> tuple[dict, dict]:
 
     path = ckpt.latest_checkpoint(run_dir)
     state = ckpt.read_state(path)
-    app = {"model": build_model(from_dict(state["config"])).state_dict()}
+    cfg = from_dict(state["config"])
+    app = {"model": build_model(cfg, read_model_inputs(cfg)).state_dict()}
     ckpt.load_sharded(path, app)
     return {k: v.clone() for k, v in app["model"].items()}, state
 
