@@ -187,23 +187,8 @@ class GenerativeConfig:
     beam_width: int = 20  # constrained beam search: beams kept per user and level
     top_k: int = 20  # items a beam search returns (<= beam_width); evaluation needs >= 10
     exclude_history: bool = True  # drop the user's own history from the beam's items
-    # > 0: also train a dense next-item head (LIGER, Yang et al. 2024): the encoder's state
-    # scored against the item table (needs item_embedding) by model.retrieval's sampled
-    # softmax (its negatives, temperature, similarity, logQ), this weight in the loss.
-    # The beam's items are then ranked by log p_beam + dense_fusion * dense logit: the
-    # beam proposes (every result stays a coded item), both heads score
-    dense_loss: float = 0.0
-    dense_fusion: float = 1.0
-    # true: the dense head reads the encoder's state without sending its gradient back (the
-    # encoder learns from the code NLL alone; the head and the item table from the dense loss)
-    dense_stop_grad: bool = False
 
     def __post_init__(self):
-        if self.dense_loss < 0 or self.dense_fusion < 0:
-            raise ConfigError(
-                f"model.generative.dense_loss={self.dense_loss} and dense_fusion="
-                f"{self.dense_fusion} must be >= 0"
-            )
         if not 1 <= self.top_k <= self.beam_width:
             raise ConfigError(
                 f"model.generative.top_k={self.top_k}: expected 1 <= top_k <= beam_width "
@@ -650,11 +635,6 @@ def check_features(cfg: Config) -> None:
                 f"embeddings.tables: no table embeds {f!r} (tables: "
                 f"{ {t.name: t.features for t in tables} }); {why}"
             )
-    if generative and cfg.model.generative.dense_loss > 0 and not needs_item:
-        raise ConfigError(
-            "model.generative.dense_loss > 0 scores items against the item table: set "
-            "model.generative.item_embedding=true (and a table fed by item_id)"
-        )
     if generative and cfg.model.kind != "hstu":
         raise ConfigError(f"model.task=generative: model.kind must be hstu, got {cfg.model.kind!r}")
     read = {ITEM_FEATURE, *tokens} if needs_item else set(tokens)

@@ -461,13 +461,3 @@ class SparseEmbeddings(torch.nn.Module):
             f: JaggedTensor(values=v, lengths=kjt[f].lengths(), offsets=kjt[f].offsets())
             for f, v in values.items()
         }
-
-    def rows_of(self, feature: str, ids: torch.Tensor) -> torch.Tensor:
-        """[n, D] rows of `feature`'s raw ids [n] (one sparse lookup: a collective on
-        sharded tables, so every rank calls it the same number of times)."""
-        kjt = KeyedJaggedTensor(
-            keys=[feature],
-            values=ids.to(torch.int64),
-            lengths=torch.tensor([ids.numel()], dtype=torch.int64, device=ids.device),
-        )
-        return self(kjt)[feature].values()

@@ -48,7 +48,6 @@ from genrec.data_pipeline.batch import ITEM_KEY, Batch
 from genrec.data_pipeline.model_inputs import ModelInputs
 from genrec.embeddings.tables import SparseEmbeddings
 from genrec.models.hstu import HSTUEncoder
-from genrec.models.losses import sampled_softmax_loss
 from genrec.models.retrieval import target_events
 from genrec.models.tokens import TokenBuilder
 from genrec.semantic.beam import CodeTrie, beam_search
@@ -153,18 +152,6 @@ class GenerativeOutput:
     num_targets: int
 
 
-@dataclass
-class Encoded:
-    """One forward's encoder side: the state before each target and the looked-up rows."""
-
-    states: torch.Tensor  # [P, D] encoder state before each target
-    tgt: torch.Tensor  # [P] flat index of each target event
-    rows: torch.Tensor  # [P] its sequence row
-    out: torch.Tensor  # [T, D] every event's encoder output
-    item_rows: torch.Tensor | None  # [T, Di] the events' item-table rows (item_embedding)
-    neg_rows: torch.Tensor | None  # [N, Di] the step's sampled negatives' rows
-
-
 class HSTUGenerative(nn.Module):
     def __init__(self, cfg: Config, inputs: ModelInputs | None = None) -> None:
         super().__init__()
@@ -196,138 +183,53 @@ class HSTUGenerative(nn.Module):
             self.gcfg.temperature,
         )
         self._trie: CodeTrie | None = None
-        self.rcfg = cfg.model.retrieval
-        self.dense = self.gcfg.dense_loss > 0
-        # the dense head: the state mapped into the item table's space (identity at init)
-        self.dense_head = nn.Linear(cfg.model.dim, cfg.model.dim) if self.dense else None
-        if self.dense_head is not None:
-            nn.init.eye_(self.dense_head.weight)
-            nn.init.zeros_(self.dense_head.bias)
-        item_dim = self.sparse.feature_dim(ITEM_KEY) if self.item_feature else 0
-        if self.dense and item_dim != cfg.model.dim:
-            raise ConfigError(
-                f"model.generative.dense_loss > 0 scores the encoder's state (model.dim="
-                f"{cfg.model.dim}) against the item table's rows (dim {item_dim}): give the "
-                "table fed by item_id dim == model.dim"
-            )
 
     # ------------------------------------------------------------------ internals
 
-    def _lookup(self, batch: Batch, extra_items: torch.Tensor | None = None) -> tuple:
-        """One sparse lookup of the events (+ `extra_items` as one more item_id sample):
-        (input vector [T, Di] per event, context embeddings, the events' item rows, the
-        extra items' rows); the item rows are None without model.generative.item_embedding."""
+    def _lookup(self, batch: Batch) -> tuple[torch.Tensor, dict]:
+        """One sparse lookup: (input vector [T, Di] per event, context embeddings)."""
         kjt = batch.features
         lengths = batch.lengths.to(torch.int64)
-        extra = lengths.new_zeros(0) if extra_items is None else extra_items.to(torch.int64)
-        zero, n_extra = lengths.new_zeros(1), lengths.new_tensor([extra.numel()])
         sid = (self.codes(batch.item_ids) + self.sid_offsets).reshape(-1)
         keys = [*self.item_feature, SID_FEATURE, *self.context]
-        values = [t for f in self.item_feature for t in (kjt[f].values().to(torch.int64), extra)]
+        values = [kjt[f].values().to(torch.int64) for f in self.item_feature]
         values.append(sid)
         values += [kjt[f].values().to(torch.int64) for f in self.context]
         L = self.codes.levels
-        all_lengths = [t for _ in self.item_feature for t in (lengths, n_extra)]
-        all_lengths += [lengths * L, zero]
-        all_lengths += [t for _ in self.context for t in (lengths, zero)]
+        all_lengths = [lengths] * len(self.item_feature) + [lengths * L]
+        all_lengths += [lengths] * len(self.context)
         out = self.sparse(
             KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(all_lengths))
         )
         rows = out[SID_FEATURE].values()
         x = rows.reshape(-1, L, rows.shape[-1]).sum(dim=1)
-        item_rows = neg_rows = None
         if self.item_feature:
-            n = int(batch.item_ids.numel())
-            both = out[ITEM_KEY].values()
-            item_rows, neg_rows = both[:n], both[n:]
-            x = x + item_rows
-        return x, {f: out[f].values() for f in self.context}, item_rows, neg_rows
-
-    def _encode(self, batch: Batch, extra_items: torch.Tensor | None = None) -> Encoded:
-        x, context, item_rows, neg_rows = self._lookup(batch, extra_items)
-        tok = self.tokens(
-            x, batch.actions, batch.timestamps, batch.lengths, batch.num_targets, context
-        )
-        out = self.encoder(tok.x, tok.offsets, max(tok.max_len, 1), tok.timestamps)
-        tgt, rows = target_events(batch)
-        return Encoded(out[tok.state_index[tgt - 1]], tgt, rows, out, item_rows, neg_rows)
+            x = x + out[ITEM_KEY].values()
+        return x, {f: out[f].values() for f in self.context}
 
     def _states(
         self, batch: Batch
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(state [P, D] before each target, target flat index [P], row [P], encoder out)."""
-        e = self._encode(batch)
-        return e.states, e.tgt, e.rows, e.out
-
-    def _scored(self, x: torch.Tensor) -> torch.Tensor:
-        """Vectors as the dense head scores them (model.retrieval.similarity)."""
-        return F.normalize(x, dim=-1) if self.rcfg.similarity == "cosine" else x
-
-    def dense_states(self, states: torch.Tensor) -> torch.Tensor:
-        """The dense head's user vectors [P, D] of encoder states, as scored."""
-        if self.gcfg.dense_stop_grad:
-            states = states.detach()
-        return self._scored(self.dense_head(states))
-
-    def _dense_loss(
-        self, e: Encoded, pos_ids: torch.Tensor, negatives: torch.Tensor, neg_log_q: torch.Tensor
-    ) -> torch.Tensor:
-        """The retriever's sampled softmax of the state before each target (its item)."""
-        return sampled_softmax_loss(
-            self.dense_states(e.states),
-            self._scored(e.item_rows[e.tgt]),
-            pos_ids,
-            self._scored(e.neg_rows),
-            negatives,
-            neg_log_q,
-            temperature=self.rcfg.temperature,
-            in_batch=self.rcfg.in_batch,
-            logq=self.rcfg.logq_correction,
+        x, context = self._lookup(batch)
+        tok = self.tokens(
+            x, batch.actions, batch.timestamps, batch.lengths, batch.num_targets, context
         )
-
-    def _fuse(
-        self, states: torch.Tensor, items: torch.Tensor, scores: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Beam items [P, W] (host) re-ordered by log p_beam + dense_fusion * dense logit;
-        (items, fused scores), best first, -1 (no item) last. One sparse lookup, also with
-        no positions: every rank calls it once per batch (sharded tables stay in step)."""
-        flat = items.reshape(-1)
-        ids = flat.clamp_min(0) if flat.numel() else self.codes.ids[:1].cpu()
-        vec = self._scored(self.sparse.rows_of(ITEM_KEY, ids.to(states.device)))[: flat.numel()]
-        if items.numel() == 0:
-            return items, scores
-        dense = (self.dense_states(states)[:, None, :] * vec.reshape(*items.shape, -1)).sum(-1)
-        fused = scores + self.gcfg.dense_fusion * dense.float().cpu() / self.rcfg.temperature
-        fused = fused.masked_fill(items < 0, float("-inf"))
-        fused, order = torch.sort(fused, dim=1, descending=True, stable=True)
-        return torch.gather(items, 1, order), fused
+        out = self.encoder(tok.x, tok.offsets, max(tok.max_len, 1), tok.timestamps)
+        tgt, rows = target_events(batch)
+        return out[tok.state_index[tgt - 1]], tgt, rows, out
 
     # ------------------------------------------------------------------ API
 
-    def forward(
-        self,
-        batch: Batch,
-        negatives: torch.Tensor | None = None,
-        neg_log_q: torch.Tensor | None = None,
-    ) -> GenerativeOutput:
-        """The item NLL (+ dense_loss x the dense head's sampled softmax against `negatives`,
-        raw ids with their log sampling probabilities; none: in-batch negatives only)."""
-        if self.dense and negatives is None:
-            negatives = batch.item_ids.new_zeros(0)
-            neg_log_q = torch.zeros(0, device=batch.item_ids.device)
-        e = self._encode(batch, negatives if self.dense else None)
-        if e.tgt.numel() == 0:  # every parameter in the graph: DDP/DMP steps stay aligned
-            zero = 0.0 * (e.out.sum() + sum(p.sum() for p in self.decoder.parameters()))
-            if self.dense:
-                zero = zero + 0.0 * e.neg_rows.sum()
+    def forward(self, batch: Batch) -> GenerativeOutput:
+        states, tgt, _, out = self._states(batch)
+        if tgt.numel() == 0:  # every parameter in the graph: DDP/DMP steps stay aligned
+            zero = 0.0 * (out.sum() + sum(p.sum() for p in self.decoder.parameters()))
             return GenerativeOutput(zero, 0)
-        pos_ids = batch.item_ids[e.tgt]
-        codes = self.codes(pos_ids)
+        codes = self.codes(batch.item_ids[tgt])
         allowed = self.allowed(codes) if self.gcfg.constrained else None
-        loss = self.decoder.nll(e.states, codes, allowed).mean()
-        if self.dense:
-            loss = loss + self.gcfg.dense_loss * self._dense_loss(e, pos_ids, negatives, neg_log_q)
-        return GenerativeOutput(loss, int(e.tgt.numel()))
+        nll = self.decoder.nll(states, codes, allowed)
+        return GenerativeOutput(nll.mean(), int(tgt.numel()))
 
     def trie(self) -> CodeTrie:
         """The trie of every coded item (built once, on the host)."""
@@ -370,19 +272,14 @@ class HSTUGenerative(nn.Module):
     def generate(
         self, batch: Batch, beam_width: int, top_k: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per target position: (items [P, top_k] on the host, their scores, targets [P],
-        target flat index [P], sequence row [P]). Scores: the beam's log-probabilities; with
-        model.generative.dense_loss, every beam's item re-ordered by the fused score."""
+        """Per target position: (items [P, top_k] on the host, log-probs, targets [P], target
+        flat index [P], sequence row [P])."""
         states, tgt, rows, _ = self._states(batch)
-        keep = beam_width if self.dense else top_k  # fusion re-orders all the beams
         if tgt.numel() == 0:
-            items = torch.zeros(0, keep, dtype=torch.int64)
-            scores = items.float()
-        else:
-            items, scores = self.decode(states, beam_width, keep)
-        if self.dense:
-            items, scores = self._fuse(states, items, scores)
-        return items[:, :top_k], scores[:, :top_k], batch.item_ids[tgt].cpu(), tgt, rows
+            empty = torch.zeros(0, top_k, dtype=torch.int64)
+            return empty, empty.float(), batch.item_ids[tgt].cpu(), tgt, rows
+        items, scores = self.decode(states, beam_width, top_k)
+        return items, scores, batch.item_ids[tgt].cpu(), tgt, rows
 
 
 def check_sid_table(cfg: Config, level_sizes: list[int]) -> None:

@@ -242,7 +242,12 @@ class HSTURetrieval(nn.Module):
 
     def item_embeddings(self, raw_ids: torch.Tensor) -> torch.Tensor:
         """[n, D] output embeddings of raw item ids as scored (one sparse lookup)."""
-        return self._item_vectors(self.sparse.rows_of(ITEM_KEY, raw_ids))
+        kjt = KeyedJaggedTensor(
+            keys=[ITEM_KEY],
+            values=raw_ids.to(torch.int64),
+            lengths=torch.tensor([raw_ids.numel()], dtype=torch.int64, device=raw_ids.device),
+        )
+        return self._item_vectors(self.sparse(kjt)[ITEM_KEY].values())
 
     @torch.no_grad()
     def top_k(

@@ -8,9 +8,7 @@
              benchmarks/quality.py read it unchanged. Every result is a catalog item by
              construction (the trie's leaves); each evaluated batch checks it and fails
              naming the item otherwise, so a finished run had an invalid-result rate of 0.
-  state      retrieval's (`tasks.SampledItems`): item frequencies and recent items for the
-             negatives of the dense head (model.generative.dense_loss; drawn only then),
-             the most-popular baseline's counts.
+  state      the most-popular baseline's counts, as retrieval keeps them.
 
 Beam search runs on each rank over its own target positions: the decoder is dense
 (replicated), so no collective runs inside it; the one sparse lookup per eval batch (the
@@ -27,25 +25,26 @@ import torch
 from genrec.config import Config
 from genrec.data_pipeline.batch import Batch
 from genrec.models.generative import drop_history
-from genrec.trainer.progressive import TopKMetrics
-from genrec.trainer.tasks import SampledItems, on_host
+from genrec.trainer.progressive import PopularityBaseline, TopKMetrics
+from genrec.trainer.tasks import BaselineState, batch_target_mask
 
 
-class GenerativeTask(SampledItems):
+class GenerativeTask(BaselineState):
     selection_key = "ndcg@10"
     selection_sign = 1.0
 
     def __init__(self, cfg: Config, model, catalog: torch.Tensor, device: torch.device) -> None:
-        super().__init__(cfg, model, catalog, device)
+        self.cfg, self.model, self.catalog, self.device = cfg, model, catalog, device
         self.gcfg = cfg.model.generative
+        self.baseline = PopularityBaseline(catalog)
 
     def loss(
         self, batch: Batch, rng: torch.Generator, host: Batch | None = None
     ) -> tuple[torch.Tensor, int]:
-        host = on_host(batch if host is None else host)
-        dense = self.gcfg.dense_loss > 0
-        negatives, neg_log_q = self.count_and_sample(host, rng, sample=dense)
-        out = self.model(batch, negatives.to(self.device), neg_log_q.to(self.device))
+        host = batch if host is None else host
+        items = host.item_ids.cpu()[batch_target_mask(host)]
+        out = self.model(batch)
+        self.baseline.update(items)  # scored before this batch, learns from it after
         return out.loss, out.num_targets
 
     def new_metrics(self, ks: tuple[int, ...], model_prefix: str, count_key: str):

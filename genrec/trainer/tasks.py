@@ -76,10 +76,12 @@ def batch_target_mask(batch: Batch) -> torch.Tensor:
     return local >= torch.repeat_interleave(first, lengths)
 
 
-class SampledItems:
-    """The host state of a task that samples negatives from the stream (model.retrieval's
-    sampler): item frequencies (count-min sketch), a ring of recent occurrences, and the
-    most-popular baseline; sync / state / reshard of all three."""
+class RetrievalTask:
+    """Next-item retrieval: sampled (or full) softmax against the catalog; progressive
+    recall/NDCG@K against most-popular. Owns its negative sampler's frequency state."""
+
+    selection_key = "ndcg@10"
+    selection_sign = 1.0
 
     def __init__(self, cfg: Config, model, catalog: torch.Tensor, device: torch.device) -> None:
         self.cfg, self.model, self.catalog, self.device = cfg, model, catalog, device
@@ -100,21 +102,38 @@ class SampledItems:
         num = int(target_events(batch)[0].numel()) if self.per_position else None
         return sampler.sample(rng, num)
 
-    def count_and_sample(
-        self, host: Batch, rng: torch.Generator, sample: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Host bookkeeping of a step, in step order: count the batch's items (sampler and
-        baseline; the baseline was scored on this batch before), then draw the negatives
-        (raw ids, log q; empty when not `sample`). Reads no device state."""
+    def prepare(self, host: Batch, rng: torch.Generator) -> StepBatch:
+        """Host half of a step, in step order: count the batch's items (sampler and
+        baseline; the baseline was scored on this batch before), draw the negatives, hash
+        the lookup. Reads no device state, so it may run steps ahead of the forward."""
+        host = _on_host(host)
         items = host.item_ids[batch_target_mask(host)]  # each event once, as a target
         self.frequency.add_(items)
         self.popular.add(items)
-        if sample:
-            negatives, neg_log_q = self._negatives(host, rng)
-        else:
-            negatives, neg_log_q = items.new_zeros(0), torch.zeros(0)
+        negatives, neg_log_q = self._negatives(host, rng)
         self.baseline.update(items)
-        return negatives, neg_log_q
+        return self.model.module.prepare(host, negatives, neg_log_q)
+
+    def loss(
+        self, batch: Batch, rng: torch.Generator, host: Batch | None = None
+    ) -> tuple[torch.Tensor, int]:
+        return _prepared_loss(self, batch, rng, host)
+
+    def new_metrics(self, ks: tuple[int, ...], model_prefix: str, count_key: str):
+        return TopKMetrics(ks, model_prefix, count_key)
+
+    def evaluate(self, batch: Batch, metrics: TopKMetrics) -> None:
+        k = max(metrics.ks)
+        if self.catalog_device is None:  # copied once, not per eval step
+            self.catalog_device = self.catalog.to(self.device)
+        # each rank scores 1/W of the catalog; equal to model.top_k over all of it
+        topk, _, targets = sharded_top_k(
+            self.model.module, batch, self.catalog_device, k, self.rc.exclude_history
+        )
+        pop = self.baseline.top_k(
+            batch.to("cpu"), k, self.rc.exclude_history, self.cfg.model.max_len
+        )
+        metrics.add(topk.cpu(), pop, targets.cpu())
 
     def sync(self) -> None:
         """Window end: fold the ranks' frequency deltas in (then decay) and the baseline's."""
@@ -164,43 +183,6 @@ class SampledItems:
             }
             out.append((new_shared, new_own))
         return out
-
-
-class RetrievalTask(SampledItems):
-    """Next-item retrieval: sampled (or full) softmax against the catalog; progressive
-    recall/NDCG@K against most-popular."""
-
-    selection_key = "ndcg@10"
-    selection_sign = 1.0
-
-    def prepare(self, host: Batch, rng: torch.Generator) -> StepBatch:
-        """Host half of a step, in step order: count the batch's items (sampler and
-        baseline; the baseline was scored on this batch before), draw the negatives, hash
-        the lookup. Reads no device state, so it may run steps ahead of the forward."""
-        host = on_host(host)
-        negatives, neg_log_q = self.count_and_sample(host, rng)
-        return self.model.module.prepare(host, negatives, neg_log_q)
-
-    def loss(
-        self, batch: Batch, rng: torch.Generator, host: Batch | None = None
-    ) -> tuple[torch.Tensor, int]:
-        return _prepared_loss(self, batch, rng, host)
-
-    def new_metrics(self, ks: tuple[int, ...], model_prefix: str, count_key: str):
-        return TopKMetrics(ks, model_prefix, count_key)
-
-    def evaluate(self, batch: Batch, metrics: TopKMetrics) -> None:
-        k = max(metrics.ks)
-        if self.catalog_device is None:  # copied once, not per eval step
-            self.catalog_device = self.catalog.to(self.device)
-        # each rank scores 1/W of the catalog; equal to model.top_k over all of it
-        topk, _, targets = sharded_top_k(
-            self.model.module, batch, self.catalog_device, k, self.rc.exclude_history
-        )
-        pop = self.baseline.top_k(
-            batch.to("cpu"), k, self.rc.exclude_history, self.cfg.model.max_len
-        )
-        metrics.add(topk.cpu(), pop, targets.cpu())
 
     def describe(self, row: dict, prefix: str = "") -> str:
         return (
@@ -254,7 +236,7 @@ class RankingTask(BaselineState):
     def prepare(self, host: Batch, rng: torch.Generator) -> StepBatch:
         """Host half of a step: the item-rate baseline learns the candidates' labels (read
         from the host batch, no device readback), the lookup is hashed."""
-        host = on_host(host)
+        host = _on_host(host)
         module = self.model.module
         cand, _ = candidate_events(host)
         self.baseline.update(host.item_ids[cand], module.labels(host, cand))
@@ -293,7 +275,7 @@ def describe_ranking(row: dict, prefix: str = "") -> str:
     return "  ".join(parts)
 
 
-def on_host(batch: Batch) -> Batch:
+def _on_host(batch: Batch) -> Batch:
     return batch if batch.item_ids.device.type == "cpu" else batch.to("cpu")
 
 
