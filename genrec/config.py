@@ -187,20 +187,12 @@ class GenerativeConfig:
     beam_width: int = 20  # constrained beam search: beams kept per user and level
     top_k: int = 20  # items a beam search returns (<= beam_width); evaluation needs >= 10
     exclude_history: bool = True  # drop the user's own history from the beam's items
-    # > 0: the decoder also cross-attends to the encoder outputs of the last N events up to
-    # the state's (TIGER's decoder attends to the whole history); 0: to the state alone
-    history_memory: int = 0
 
     def __post_init__(self):
         if not 1 <= self.top_k <= self.beam_width:
             raise ConfigError(
                 f"model.generative.top_k={self.top_k}: expected 1 <= top_k <= beam_width "
                 f"({self.beam_width})"
-            )
-        if self.history_memory < 0:
-            raise ConfigError(
-                f"model.generative.history_memory={self.history_memory}: expected >= 0 "
-                "(0: the decoder reads the state alone)"
             )
         if self.decoder_layers < 1 or self.decoder_heads < 1:
             raise ConfigError("model.generative.decoder_layers and decoder_heads must be >= 1")

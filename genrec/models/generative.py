@@ -87,11 +87,6 @@ class ItemCodes(nn.Module):
         return self.codes[pos]
 
 
-# the history a decoder position cross-attends to: encoder outputs [P, M, D] of the last M
-# events up to the state's (slot 0 the most recent), and their padding [P, M] (True: none)
-Memory = tuple[torch.Tensor, torch.Tensor]
-
-
 class CodeDecoder(nn.Module):
     """Causal transformer over [state, e(c_0), .., e(c_{t-1})]: logits of code level t."""
 
@@ -103,7 +98,6 @@ class CodeDecoder(nn.Module):
         heads: int,
         dropout: float,
         temperature: float = 0.0,
-        memory: int = 0,
     ) -> None:
         super().__init__()
         self.temperature = temperature
@@ -114,34 +108,20 @@ class CodeDecoder(nn.Module):
         self.embed = nn.Embedding(rows, dim)
         nn.init.normal_(self.embed.weight, std=dim**-0.5)
         self.level = nn.Parameter(torch.randn(len(level_sizes), dim) * 0.02)
-        args = (dim, heads, 4 * dim, dropout)
-        kw = {"activation": "gelu", "batch_first": True, "norm_first": True}
-        if memory > 0:  # self-attention over the prefix + cross-attention to the history
-            self.blocks = nn.TransformerDecoder(nn.TransformerDecoderLayer(*args, **kw), layers)
-            # the memory's slots by recency (0: the event the state was read after)
-            self.memory_pos = nn.Parameter(torch.randn(memory, dim) * 0.02)
-        else:
-            block = nn.TransformerEncoderLayer(*args, **kw)
-            self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
-            self.memory_pos = None
+        block = nn.TransformerEncoderLayer(
+            dim, heads, 4 * dim, dropout, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, rows)  # level l's logits: columns offsets[l]..offsets[l+1]
 
-    def hidden(
-        self, states: torch.Tensor, prefix: torch.Tensor, memory: Memory | None = None
-    ) -> torch.Tensor:
-        """states [P, D], prefix [P, t] codes -> [P, t + 1, D] (position l predicts level l);
-        `memory`: the history each position cross-attends to (decoders built with one)."""
+    def hidden(self, states: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        """states [P, D], prefix [P, t] codes -> [P, t + 1, D] (position l predicts level l)."""
         t = prefix.shape[1]
         x = torch.cat([states[:, None], self.embed(prefix + self.offsets[:t])], dim=1)
         x = x + self.level[: t + 1]
         mask = nn.Transformer.generate_square_subsequent_mask(t + 1, device=x.device)
-        if self.memory_pos is None:
-            return self.norm(self.blocks(x, mask=mask, is_causal=True))
-        rows, pad = memory
-        mem = rows + self.memory_pos[: rows.shape[1]]
-        h = self.blocks(x, mem, tgt_mask=mask, tgt_is_causal=True, memory_key_padding_mask=pad)
-        return self.norm(h)
+        return self.norm(self.blocks(x, mask=mask, is_causal=True))
 
     def level_logits(self, h: torch.Tensor, level: int) -> torch.Tensor:
         """h [..., D] -> [..., V_level]."""
@@ -152,15 +132,11 @@ class CodeDecoder(nn.Module):
         return F.linear(h, self.out.weight[lo:hi], self.out.bias[lo:hi])
 
     def nll(
-        self,
-        states: torch.Tensor,
-        codes: torch.Tensor,
-        allowed: list | None = None,
-        memory: Memory | None = None,
+        self, states: torch.Tensor, codes: torch.Tensor, allowed: list | None = None
     ) -> torch.Tensor:
         """Teacher-forced: [P] negative log-likelihood of each code [P, L] (sum over levels);
         `allowed`: per level a bool mask [P, V_level] of the codes the softmax runs over."""
-        h = self.hidden(states, codes[:, :-1], memory)
+        h = self.hidden(states, codes[:, :-1])
         total = 0
         for lv in range(codes.shape[1]):
             logits = self.level_logits(h[:, lv], lv).float()
@@ -205,7 +181,6 @@ class HSTUGenerative(nn.Module):
             self.gcfg.decoder_heads,
             self.gcfg.decoder_dropout,
             self.gcfg.temperature,
-            self.gcfg.history_memory,
         )
         self._trie: CodeTrie | None = None
 
@@ -232,41 +207,28 @@ class HSTUGenerative(nn.Module):
             x = x + out[ITEM_KEY].values()
         return x, {f: out[f].values() for f in self.context}
 
-    def _states(self, batch: Batch) -> tuple:
-        """(state [P, D] before each target, target flat index [P], row [P], encoder out,
-        the decoder's memory or None)."""
+    def _states(
+        self, batch: Batch
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(state [P, D] before each target, target flat index [P], row [P], encoder out)."""
         x, context = self._lookup(batch)
         tok = self.tokens(
             x, batch.actions, batch.timestamps, batch.lengths, batch.num_targets, context
         )
         out = self.encoder(tok.x, tok.offsets, max(tok.max_len, 1), tok.timestamps)
         tgt, rows = target_events(batch)
-        states = out[tok.state_index[tgt - 1]]
-        return states, tgt, rows, out, self._memory(batch, out, tok.state_index, tgt, rows)
-
-    def _memory(self, batch: Batch, out, state_index, tgt, rows) -> Memory | None:
-        """model.generative.history_memory > 0: each target's last M events' encoder outputs
-        (up to the state's event, most recent first; never the target or later: causal)."""
-        m = self.gcfg.history_memory
-        if m == 0:
-            return None
-        m = max(1, min(m, int(batch.lengths.max()) if batch.lengths.numel() else 1))
-        starts = batch.offsets.to(torch.int64)[rows]
-        event = (tgt - 1)[:, None] - torch.arange(m, device=tgt.device)[None, :]
-        pad = event < starts[:, None]  # slot 0 (the state's own event) is never padding
-        mem = out[state_index[event.clamp_min(0)]].masked_fill(pad[..., None], 0.0)
-        return mem, pad
+        return out[tok.state_index[tgt - 1]], tgt, rows, out
 
     # ------------------------------------------------------------------ API
 
     def forward(self, batch: Batch) -> GenerativeOutput:
-        states, tgt, _, out, memory = self._states(batch)
+        states, tgt, _, out = self._states(batch)
         if tgt.numel() == 0:  # every parameter in the graph: DDP/DMP steps stay aligned
             zero = 0.0 * (out.sum() + sum(p.sum() for p in self.decoder.parameters()))
             return GenerativeOutput(zero, 0)
         codes = self.codes(batch.item_ids[tgt])
         allowed = self.allowed(codes) if self.gcfg.constrained else None
-        nll = self.decoder.nll(states, codes, allowed, memory)
+        nll = self.decoder.nll(states, codes, allowed)
         return GenerativeOutput(nll.mean(), int(tgt.numel()))
 
     def trie(self) -> CodeTrie:
@@ -290,18 +252,14 @@ class HSTUGenerative(nn.Module):
             nodes = torch.zeros_like(nodes).index_copy_(0, row[hit], child[hit])
         return out
 
-    def decode(
-        self, states: torch.Tensor, beam_width: int, top_k: int, memory: Memory | None = None
-    ):
-        """Constrained beam search from user states [B, D] (and their decoder memory):
-        (items [B, top_k], log-probs)."""
+    def decode(self, states: torch.Tensor, beam_width: int, top_k: int):
+        """Constrained beam search from user states [B, D]: (items [B, top_k], log-probs)."""
         w = beam_width
         rep = states.repeat_interleave(w, dim=0)
-        mem = None if memory is None else tuple(t.repeat_interleave(w, dim=0) for t in memory)
 
         def step(prefix: torch.Tensor) -> torch.Tensor:
             t = prefix.shape[1]
-            h = self.decoder.hidden(rep, prefix.to(rep.device), mem)[:, t]
+            h = self.decoder.hidden(rep, prefix.to(rep.device))[:, t]
             logits = self.decoder.level_logits(h, t).float().cpu()
             pad = self.trie().vocab - logits.shape[1]
             return F.pad(logits, (0, max(pad, 0)), value=float("-inf"))
@@ -316,11 +274,11 @@ class HSTUGenerative(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per target position: (items [P, top_k] on the host, log-probs, targets [P], target
         flat index [P], sequence row [P])."""
-        states, tgt, rows, _, memory = self._states(batch)
+        states, tgt, rows, _ = self._states(batch)
         if tgt.numel() == 0:
             empty = torch.zeros(0, top_k, dtype=torch.int64)
             return empty, empty.float(), batch.item_ids[tgt].cpu(), tgt, rows
-        items, scores = self.decode(states, beam_width, top_k, memory)
+        items, scores = self.decode(states, beam_width, top_k)
         return items, scores, batch.item_ids[tgt].cpu(), tgt, rows
 
 

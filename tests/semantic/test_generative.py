@@ -16,7 +16,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 
@@ -202,70 +201,4 @@ def test_constrained_softmax_masks_match_the_catalog_and_the_beam_scores(data):
         states = model._states(batch)[0]
         best = model.codes(items[:, 0])
         nll = model.decoder.nll(states, best, model.allowed(best))
-    torch.testing.assert_close(-nll, scores[:, 0], atol=1e-4, rtol=1e-4)
-
-
-def test_history_memory_is_causal_and_the_beam_scores_are_its_likelihoods(data):
-    """model.generative.history_memory: the decoder cross-attends to the encoder outputs of
-    the events up to each target's state. Truncating every sequence right after a target
-    leaves that target's NLL unchanged (nothing at or after the target is read), the memory
-    changes the NLL (it is read at all), and the beam's score of its best item is that
-    item's teacher-forced log-likelihood under the same memory."""
-    from genrec.models.build import build_model
-
-    torch.manual_seed(0)
-    cfg = _cfg(data, "unused", "model.generative.history_memory=8")
-    model = build_model(cfg, read_model_inputs(cfg)).eval()
-    table = loo_view(read_user_sequences(data / "prepared"), "test").slice(0, 24)
-    cut = 3  # the truncated copy keeps each sequence's first 3 events
-
-    def rows(keep: int | None):
-        """Every event after the first a target; each list column cut to `keep` events."""
-        t = table
-        for col in ("item_ids", "timestamps", "actions"):
-            vals = [r[:keep] for r in t.column(col).to_pylist()]
-            t = t.set_column(t.schema.get_field_index(col), col, pa.array(vals, t[col].type))
-        i = t.schema.get_field_index("num_history")
-        return t.set_column(i, "num_history", pa.array([1] * t.num_rows, t["num_history"].type))
-
-    full, trunc = sequences_from_rows(rows(None), 20), sequences_from_rows(rows(cut), 20)
-    with torch.no_grad():
-        s_full, tgt_full, rows_full, _, mem_full = model._states(full)
-        s_cut, tgt_cut, rows_cut, _, mem_cut = model._states(trunc)
-        codes_full = model.codes(full.item_ids[tgt_full])
-        nll_full = model.decoder.nll(s_full, codes_full, model.allowed(codes_full), mem_full)
-        codes_cut = model.codes(trunc.item_ids[tgt_cut])
-        nll_cut = model.decoder.nll(s_cut, codes_cut, model.allowed(codes_cut), mem_cut)
-        # the truncated batch's last target of each row is the full batch's position with
-        # the same (row, event index within the row)
-        within_full = tgt_full - full.offsets.to(torch.int64)[rows_full]
-        within_cut = tgt_cut - trunc.offsets.to(torch.int64)[rows_cut]
-        key_full = {(int(r), int(w)): i for i, (r, w) in enumerate(zip(rows_full, within_full))}
-        pick = torch.tensor([key_full[(int(r), int(w))] for r, w in zip(rows_cut, within_cut)])
-        assert pick.numel() > 0
-        torch.testing.assert_close(nll_cut, nll_full[pick], atol=1e-5, rtol=1e-5)
-        # the target's own event is not in its memory either: other items from event 2 on
-        # leave the memory of every target at event 2 as it was
-        swapped = rows(None)
-        vals = [r[:2] + [i % ITEMS + 1 for i in r[2:]] for r in swapped["item_ids"].to_pylist()]
-        swapped = swapped.set_column(
-            swapped.schema.get_field_index("item_ids"),
-            "item_ids",
-            pa.array(vals, pa.list_(pa.int64())),
-        )
-        mem_swapped = model._states(sequences_from_rows(swapped, 20))[4]
-        at2 = within_full == 2
-        assert bool(at2.any())
-        torch.testing.assert_close(mem_swapped[0][at2], mem_full[0][at2], atol=1e-6, rtol=1e-6)
-        assert not torch.allclose(mem_swapped[0][within_full == 3], mem_full[0][within_full == 3])
-        no_mem = model.decoder.nll(
-            s_full,
-            codes_full,
-            model.allowed(codes_full),
-            (torch.zeros_like(mem_full[0]), mem_full[1]),
-        )
-        assert float((no_mem - nll_full).abs().max()) > 1e-3, "the memory is not read"
-        items, scores, _, _, _ = model.generate(full, beam_width=10, top_k=10)
-        best = model.codes(items[:, 0])
-        nll = model.decoder.nll(s_full, best, model.allowed(best), mem_full)
     torch.testing.assert_close(-nll, scores[:, 0], atol=1e-4, rtol=1e-4)
