@@ -112,7 +112,11 @@ def check_recommend(
     `can_rerank`: the artifact carries a paired ranker."""
     _check_history(req, limits, num_actions, item_hashing)
     if not 1 <= req.k <= limits.max_k:
-        raise RequestError("k", f"must be in [1, {limits.max_k}] (deploy.max_k), got {req.k}")
+        raise RequestError(
+            "k",
+            f"must be in [1, {limits.max_k}] (deploy.max_k; a generative artifact: at most "
+            f"model.generative.top_k), got {req.k}",
+        )
     if req.rerank:
         if not can_rerank:
             raise RequestError(

@@ -17,6 +17,7 @@ the first k. Served top-k == offline beam search (tests/semantic/test_generative
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -92,7 +93,10 @@ class SemanticArtifact:
 
     @property
     def limits(self):
-        return self.cfg.deploy
+        """deploy's request limits, k capped at model.generative.top_k (what a beam returns),
+        so /recommend refuses a larger k with a 422 naming it, before any batch runs."""
+        d = self.cfg.deploy
+        return dataclasses.replace(d, max_k=min(d.max_k, self.cfg.model.generative.top_k))
 
     @torch.no_grad()
     def recommend(
@@ -117,8 +121,10 @@ class SemanticArtifact:
         rows = {"user_id": [], "window": [], "item_ids": [], "timestamps": [], "actions": []}
         for b, h in enumerate(histories):
             h = [int(x) for x in h][-keep:]
-            ts = list(timestamps[b])[-keep:] if timestamps and timestamps[b] else [0] * len(h)
-            act = list(actions[b])[-keep:] if actions and actions[b] else [0] * len(h)
+            ts = _given(timestamps, b)
+            ts = list(ts)[-keep:] if ts is not None else [0] * len(h)
+            act = _given(actions, b)
+            act = list(act)[-keep:] if act is not None else [0] * len(h)
             rows["user_id"].append(b)
             rows["window"].append(0)
             rows["item_ids"].append([*h, self.placeholder])
@@ -142,6 +148,13 @@ class SemanticArtifact:
             ids = ids[ids >= 0][: ks[b]].numpy()
             out.append(Recommendation(ids, np.asarray(sc[: ks[b]], np.float32)))
         return out
+
+
+def _given(per_request, b: int):
+    """Request b's list (a list or an array) when given and non-empty, else None."""
+    if per_request is None or per_request[b] is None or len(per_request[b]) == 0:
+        return None
+    return per_request[b]
 
 
 def load_artifact(directory: str | Path, prefer_aot: bool = True, verify: bool = True):

@@ -106,3 +106,35 @@ def direct_setup(deploy_env):
     out = deploy_env.root / "artifact-direct"
     export(str(ckpt), str(out), compile_aot=False)
     return model, out
+
+
+@pytest.fixture(scope="session")
+def generative_setup(deploy_env):
+    """A semantic-ID artifact over ml-100k's catalog (unique hand-made codes, random
+    weights, no training): (its directory, the codes)."""
+    from genrec.config import TableConfig
+    from genrec.data_pipeline.model_inputs import read_model_inputs
+    from genrec.deploy.export import export
+    from genrec.models.build import build_model
+    from genrec.semantic.tokenize import write_codes
+
+    ids = np.unique(deploy_env.catalog).astype(np.int64)
+    codes = np.stack([ids // 64, (ids // 8) % 8, ids % 8], axis=1)
+    write_codes(deploy_env.root / "codes.parquet", ids, codes)
+    cfg = tiny_config(deploy_env.cfg.data.prepared_dir, task="generative")
+    cfg.embeddings.tables.append(
+        TableConfig(name="sid", kind="direct", num_embeddings=64, dim=32, features=["sid"])
+    )
+    g = cfg.model.generative
+    g.codes, g.decoder_layers, g.beam_width, g.top_k = (
+        str(deploy_env.root / "codes.parquet"),
+        1,
+        12,
+        10,
+    )
+    torch.manual_seed(3)
+    model = build_model(cfg, read_model_inputs(cfg)).eval()
+    ckpt = save_unsharded_checkpoint(model, cfg, deploy_env.root / "generative-run")
+    out = deploy_env.root / "artifact-generative"
+    export(str(ckpt), str(out))
+    return out, codes

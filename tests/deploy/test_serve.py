@@ -20,13 +20,14 @@ from tests.deploy.helpers import query_batch
 
 
 @pytest.fixture(scope="module")
-def service(ray_local, retrieval_artifact, ranking_setup, direct_setup):
+def service(ray_local, retrieval_artifact, ranking_setup, direct_setup, generative_setup):
     """The artifacts served once: retrieval at /, the ranker at /ranker, the retrieval model
-    with a direct item table at /direct."""
+    with a direct item table at /direct, a semantic-ID (generative) model at /sid."""
     from genrec.deploy.serve import serve
 
     handle = serve(str(retrieval_artifact), port=free_port(), blocking=False)
-    for name, artifact in (("ranker", ranking_setup[1]), ("direct", direct_setup[1])):
+    apps = (("ranker", ranking_setup[1]), ("direct", direct_setup[1]), ("sid", generative_setup[0]))
+    for name, artifact in apps:
         serve(
             str(artifact),
             port=int(handle.url.rsplit(":", 1)[1]),
@@ -289,3 +290,35 @@ def test_direct_table_request_checks_name_the_field():
     req = parse(RankRequest, b'{"history": [1, 400], "candidates": [5, 100]}')
     with pytest.raises(RequestError, match=r"^history\[1\]: item id 400"):
         check_rank(req, DeployConfig(), 8, direct)
+
+
+def test_semantic_id_artifact_serves_its_offline_beam_search(service, deploy_env, generative_setup):
+    """/recommend of a generative artifact: the same items and scores as
+    SemanticArtifact.recommend offline, one request at a time and concurrently (Serve batches
+    them); every item is a coded catalog item; k over model.generative.top_k is a 422."""
+    from genrec.deploy.semantic_artifact import SemanticArtifact
+
+    artifact, codes = generative_setup
+    assert service.get("/sid/health").json() == {
+        "status": "ok", "task": "generative", "backend": "eager", "items": 0
+    }  # fmt: skip
+    seqs = deploy_env.seqs[:8]
+    offline = SemanticArtifact(artifact).recommend(
+        [s["item_id"] for s in seqs],
+        10,
+        [s["timestamp"] for s in seqs],
+        [s["action"] for s in seqs],
+    )
+    one = service.post("/sid/recommend", json=_body(seqs[0], k=10)).json()
+    with ThreadPoolExecutor(8) as pool:
+        many = list(
+            pool.map(lambda s: service.post("/sid/recommend", json=_body(s, k=10)).json(), seqs)
+        )
+    coded = set(np.unique(deploy_env.catalog).tolist())
+    for got, want in zip([one, *many], [offline[0], *offline]):
+        assert got["item_ids"] == want.ids.tolist()
+        np.testing.assert_allclose(got["scores"], want.scores, rtol=1e-5, atol=1e-5)
+        assert len(got["item_ids"]) == 10 and set(got["item_ids"]) <= coded
+    r = service.post("/sid/recommend", json=_body(seqs[0], k=11))
+    assert r.status_code == 422 and r.json()["field"] == "k", r.text
+    assert "model.generative.top_k" in r.json()["detail"]
