@@ -83,6 +83,15 @@ class _Recomputed:
             return fn(*geometry)
 
 
+def _silu_of_view(pre: torch.Tensor, geometry) -> torch.Tensor:
+    """SiLU of a strided view of pre (U, V, Q or K), bitwise as the forward computed it:
+    the view is copied to a contiguous block first and SiLU runs in place there (aten's
+    SiLU on a strided view takes a scalar path, ~8x slower, whose last bits can differ
+    from the vectorized pass over pre)."""
+    view = pre.as_strided(*geometry).clone(memory_format=torch.contiguous_format)
+    return F.silu(view, inplace=True)
+
+
 class _SiLUSplit(torch.autograd.Function):
     """split(SiLU(pre), sizes) whose backward writes the pieces' gradients into one block and
     takes SiLU' in place: one [T, 2 Dv + 2 Dqk] allocation in the backward instead of two
@@ -127,7 +136,7 @@ class HSTULayer(nn.Module):
             rec.register(normed, lambda *geo, x=x: self.norm_in(x).as_strided(*geo))
             pre = self.w1(normed)
             u, v, q, k = _SiLUSplit.apply(pre, sizes)
-            rec.register(u, lambda *geo, pre=pre: F.silu(pre.as_strided(*geo)))
+            rec.register(u, lambda *geo, pre=pre: _silu_of_view(pre, geo))
         v = v.reshape(*lead, self.num_heads, self.dv)
         q = q.reshape(*lead, self.num_heads, self.dqk)
         k = k.reshape(*lead, self.num_heads, self.dqk)

@@ -295,6 +295,41 @@ def test_encoder_jagged_matches_padded_outputs_and_grads():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_encoder_recompute_hooks_are_bitwise_plain_autograd(monkeypatch):
+    """The saved-tensor hooks (U, V, Q, K and both LayerNorm outputs rebuilt in the backward)
+    change what is kept, not the numbers: every gradient is bitwise the one autograd gives
+    when it keeps those tensors (full rows of 40 tokens, so Q/K/V are strided views of a
+    wide W1 output, as in training)."""
+    import genrec.models.hstu as hstu
+    from genrec.config import ModelConfig
+
+    torch.manual_seed(5)
+    cfg = ModelConfig(
+        dim=24,
+        num_layers=2,
+        num_heads=1,
+        attn_dim=24,
+        linear_dim=24,
+        dropout=0.0,
+        max_len=40,
+        num_time_buckets=NB,
+    )
+    enc = hstu.HSTUEncoder(cfg).train()
+    offsets = torch.arange(0, 6 * 40 + 1, 40)
+    x0, w = torch.randn(240, 24), torch.randn(240, 24)
+    ts = torch.cumsum(torch.randint(0, 9000, (240,)), 0)
+
+    def grads():
+        x = x0.clone().requires_grad_()
+        return torch.autograd.grad((enc(x, offsets, 40, ts) * w).sum(), [x, *enc.parameters()])
+
+    got = grads()
+    monkeypatch.setattr(hstu._Recomputed, "register", lambda self, t, fn: t)  # keep all
+    want = grads()
+    for name, a, b in zip(["x"] + [n for n, _ in enc.named_parameters()], got, want):
+        assert torch.equal(a, b), name
+
+
 def test_grouped_plan_is_shared_and_checked():
     q, k, v, offsets, ts, pb, tb, _ = random_batch([7, 12, 3], seed=8)
     plan = attention_plan(offsets, 12, H, ts, pb, tb, None, "length")
