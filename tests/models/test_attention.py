@@ -209,9 +209,16 @@ def test_length_groups_do_not_pad_short_sequences_to_the_longest():
         (False, "none", 7.0),
     ],
 )
-def test_grouped_backend_matches_reference_outputs_and_all_grads(with_targets, biases, norm):
+@pytest.mark.parametrize("block_min", [96, 8])
+def test_grouped_backend_matches_reference_outputs_and_all_grads(
+    with_targets, biases, norm, block_min, monkeypatch
+):
     """The fast path (hand-written backward, one shared plan) against autograd through the
-    padded reference: outputs and the gradients of q, k, v and both bias tables."""
+    padded reference: outputs and the gradients of q, k, v and both bias tables; with groups
+    split in row blocks from 8 tokens (1-3 blocks per group) and from the default."""
+    import genrec.models.attention_grouped as grouped
+
+    monkeypatch.setattr(grouped, "ROW_BLOCK_MIN_L", block_min)
     lengths = [5, 0, 1, 23, 9, 33, 2, 17, 30, 64, 3, 48, 47]
     q, k, v, offsets, ts, pb, tb, nt = random_batch(lengths, seed=7, with_targets=with_targets)
     pb = pb if biases in ("both", "pos") else None
@@ -235,9 +242,11 @@ def test_grouped_dense_groups_match_reference(with_targets, monkeypatch):
     """Full rows (every group dense: Q/K/V read as views, results written in place), chunked
     into several dense groups, with gaps past 2^31 s in one batch (the plan's int64 gaps) and
     under it in another (int32 gaps): outputs and all gradients against the reference."""
+    import genrec.models.attention_grouped as grouped
     import genrec.models.jagged as jagged
 
     monkeypatch.setattr(jagged, "GROUP_SCORE_ELEMS", 3 * H * 24 * 24)  # chunks of 3 rows
+    monkeypatch.setattr(grouped, "ROW_BLOCK_MIN_L", 13)  # 2 row blocks: 12 x 12, 12 x 24
     for gap in (40, 3 * 10**9):
         q, k, v, offsets, _, pb, tb, nt = random_batch([24] * 7, seed=11, with_targets=True)
         nt = nt if with_targets else None
@@ -245,6 +254,7 @@ def test_grouped_dense_groups_match_reference(with_targets, monkeypatch):
         plan = attention_plan(offsets, 24, H, ts, pb, tb, nt, "length")
         assert [g.G for g in plan.groups] == [3, 3, 1]
         assert [g.start for g in plan.groups] == [0, 72, 144]  # dense: contiguous rows
+        assert all(g.blocks == [(0, 12), (12, 24)] for g in plan.groups)
         kw = dict(timestamps=ts, pos_bias=pb, time_bias=tb, num_targets=nt)
         want = hstu_attention(q, k, v, offsets, 24, backend="reference", **kw)
         got = hstu_attention(q, k, v, offsets, 24, plan=plan, **kw)
