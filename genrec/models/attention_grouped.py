@@ -88,12 +88,13 @@ def checked_lengths(
 
 def row_blocks(L: int) -> list[tuple[int, int]]:
     """The row blocks of an L-token group: queries r0:r1 meet keys 0:r1 only (causal and
-    target-aware masks allow no j > i), so the all-masked (early query, late key) blocks are
-    never computed: 2 blocks skip 1/4 of the scores, 3 blocks 1/3 (bmm's efficiency falls
-    for smaller blocks, so short groups stay one block)."""
-    n = 1 if L < ROW_BLOCK_MIN_L else 2 if L < 2 * ROW_BLOCK_MIN_L else 3
-    edges = [L * b // n for b in range(n + 1)]
-    return list(zip(edges[:-1], edges[1:]))
+    target-aware masks allow no j > i), so the all-masked (early query, late key) block is
+    never computed: 2 blocks skip 1/4 of the scores and products. Short groups stay one
+    block, and there are never more than 2: every block adds ~12 ops per layer, and at 2
+    threads on a loaded box each op costs a thread hand-off (3 blocks were slower there)."""
+    if L < ROW_BLOCK_MIN_L:
+        return [(0, L)]
+    return [(0, L // 2), (L // 2, L)]
 
 
 def _dense_start(members: list[int], L: int, lengths: list[int], offsets: list[int]):
@@ -250,9 +251,14 @@ def _finish_(full: torch.Tensor, c: torch.Tensor, g: _Group, scale=None) -> None
         full.index_copy_(0, g.dst, part.index_select(0, g.sel))
 
 
-def _mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
-    """out (+)= a @ b for [N, m, k] x [N, k, n] (out may be a strided view)."""
-    if accumulate:
+def _mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool = False) -> None:
+    """out (+)= a @ b for [N, m, k] x [N, k, n]. A strided `out` (a row block's slice) takes
+    a contiguous product: aten's bmm / baddbmm_ into a strided view loop over the batch in
+    tiny parallel sections, ~100x slower at 2 threads on a loaded box."""
+    if not out.is_contiguous():
+        c = torch.bmm(a, b)
+        out.add_(c) if accumulate else out.copy_(c)
+    elif accumulate:
         out.baddbmm_(a, b)
     else:
         torch.bmm(a, b, out=out)
@@ -294,7 +300,7 @@ class _GroupedAttention(torch.autograd.Function):
                 s = _scores(qg[:, r0:r1], kg[:, :r1], tab, g, b)
                 kept.append(s)  # for the backward: A and SiLU'(S) come from S
                 a = _mask_(torch.ops.aten.silu.out(s, out=plan.score_buffer(s, H)), g, b)
-                torch.bmm(a, vg[:, :r1], out=og[:, r0:r1])
+                _mm(og[:, r0:r1], a, vg[:, :r1])
             _finish_(out, og, g, scale=g.scale)
         ctx.save_for_backward(q, k, v, table if table is not None else q.new_zeros(0))
         ctx.scores, ctx.plan, ctx.has_table = kept, plan, table is not None
@@ -331,7 +337,7 @@ class _GroupedAttention(torch.autograd.Function):
                 da = torch.bmm(dog[:, r0:r1], vg[:, :r1].transpose(1, 2), out=a)  # A is spent
                 ds = _mask_(torch.ops.aten.silu_backward.grad_input(da, s, grad_input=da), g, b)
                 del s
-                torch.bmm(ds, kg[:, :r1], out=dqg[:, r0:r1])
+                _mm(dqg[:, r0:r1], ds, kg[:, :r1])
                 _mm(dkg[:, :r1], ds.transpose(1, 2), qg[:, r0:r1], accumulate=not first)
                 if dtable is not None:
                     m = r1 - r0

@@ -215,7 +215,7 @@ def test_grouped_backend_matches_reference_outputs_and_all_grads(
 ):
     """The fast path (hand-written backward, one shared plan) against autograd through the
     padded reference: outputs and the gradients of q, k, v and both bias tables; with groups
-    split in row blocks from 8 tokens (1-3 blocks per group) and from the default."""
+    split in 2 row blocks from 8 tokens and from the default length."""
     import genrec.models.attention_grouped as grouped
 
     monkeypatch.setattr(grouped, "ROW_BLOCK_MIN_L", block_min)
