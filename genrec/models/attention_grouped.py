@@ -22,6 +22,12 @@ row index is built or gathered. The scores S start as the gathered bias and take
 place (baddbmm_). The backward computes A, then dA, in one buffer that the plan holds for all
 groups and layers (`AttentionPlan.score_buffer`; released with the plan after the first
 layer's backward). Time gaps are taken in int32 when every row spans < 2^31 s.
+
+With a bias table the mask rides on the index: every disallowed (i, j) points at one extra
+table entry holding half the dtype's lowest value, so SiLU(S) and its gradient are exactly
+(-)0 there and no mask pass runs over the scores. Single-threaded, groups of >= 96 tokens
+run as 2 row blocks (queries r0:r1 against keys 0:r1, `row_blocks`): the all-masked quarter
+of the scores is never computed.
 """
 
 from __future__ import annotations
@@ -32,8 +38,9 @@ import torch
 
 from genrec.models.jagged import length_groups, lengths_from_offsets, padded_rows
 
-_PLAN_SLICE_ELEMS = 1 << 20  # (i, j) pairs whose time gaps are built at once
-ROW_BLOCK_MIN_L = 96  # groups this long are split in row blocks (`row_blocks`)
+_PLAN_SLICE_ELEMS = 1 << 22  # (i, j) pairs whose time gaps are built at once
+ROW_BLOCK_MIN_L = 96  # groups this long are split in row blocks (`row_blocks`) ...
+ROW_BLOCK_MAX_THREADS = 1  # ... when torch runs at most this many intra-op threads
 
 
 @dataclass
@@ -48,6 +55,7 @@ class _Group:
     blocks: list[tuple[int, int]]  # row blocks (r0, r1): queries r0:r1 against keys 0:r1
     bias_index: list[torch.Tensor] | None  # per block int32 [G or 1, r1 - r0, r1]
     allowed: list[torch.Tensor] | None  # per block bool [G, r1 - r0, r1]; None: causal
+    masked_by_index: bool = False  # disallowed scores index the table's masking entry
 
 
 @dataclass
@@ -90,9 +98,11 @@ def row_blocks(L: int) -> list[tuple[int, int]]:
     """The row blocks of an L-token group: queries r0:r1 meet keys 0:r1 only (causal and
     target-aware masks allow no j > i), so the all-masked (early query, late key) block is
     never computed: 2 blocks skip 1/4 of the scores and products. Short groups stay one
-    block, and there are never more than 2: every block adds ~12 ops per layer, and at 2
-    threads on a loaded box each op costs a thread hand-off (3 blocks were slower there)."""
-    if L < ROW_BLOCK_MIN_L:
+    block, and so does every group with several intra-op threads: a block adds ~16 ops per
+    layer and step, and with 2 threads on a loaded box each op costs a thread hand-off that
+    outweighs the flops (RESULTS.md, issue 22 continued: 1 thread, 2 blocks 12 % faster than
+    1; 2 threads, 28 % slower). Never more than 2 blocks (3 were slower at either count)."""
+    if L < ROW_BLOCK_MIN_L or torch.get_num_threads() > ROW_BLOCK_MAX_THREADS:
         return [(0, L)]
     return [(0, L // 2), (L // 2, L)]
 
@@ -160,10 +170,27 @@ def plan_attention(
                 _bias_index(r0, r1, L, pos, ts if num_time else None, num_pos, num_time, dev)
                 for r0, r1 in blocks
             ]
-        groups.append(
-            _Group(L, G, start, flat, sel, dst, scale[:, :, None, None], blocks, index, allowed)
-        )
+            _mask_index_(index, blocks, allowed, max(num_pos, 1) * max(num_time, 1))
+            allowed = None
+        group = _Group(L, G, start, flat, sel, dst, scale[:, :, None, None], blocks, index, allowed)
+        group.masked_by_index = index is not None
+        groups.append(group)
     return AttentionPlan(groups, int(offsets_list[-1]) if offsets_list else 0, num_pos, num_time)
+
+
+def _mask_index_(index, blocks, allowed, masked_entry: int) -> None:
+    """Point every disallowed score of the blocks' indices at `masked_entry`, the bias
+    table's extra last entry (`_masked_bias`): SiLU(S) and its gradient are then exactly
+    (-)0 there, with no mask pass over the scores in either direction."""
+    for b, (r0, r1) in enumerate(blocks):
+        if allowed is None:
+            ar = torch.arange(r1, device=index[b].device)
+            keep = ar[None, :] <= ar[r0:r1, None]  # causal: [r1 - r0, r1], shared by the group
+        else:
+            keep = allowed[b]
+            if index[b].shape[0] != keep.shape[0]:
+                index[b] = index[b].expand(keep.shape[0], -1, -1).contiguous()
+        index[b].masked_fill_(~keep, masked_entry)
 
 
 def _rebased(ts: torch.Tensor) -> torch.Tensor:
@@ -265,8 +292,11 @@ def _mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool = 
 
 
 def _mask_(a: torch.Tensor, g: _Group, b: int) -> torch.Tensor:
-    """Zero the disallowed scores of block b's [G * H, r1 - r0, r1] in place."""
+    """Zero the disallowed scores of block b's [G * H, r1 - r0, r1] in place (nothing to do
+    when the bias index carries the mask)."""
     r0, r1 = g.blocks[b]
+    if g.masked_by_index:
+        return a
     if g.allowed is None:
         return a.tril_(r0)  # query r0 + i sees keys j <= r0 + i
     a.view(g.G, -1, r1 - r0, r1).mul_(g.allowed[b][:, None])
@@ -286,12 +316,22 @@ def _scores(qb, kb, tab, g: _Group, b: int) -> torch.Tensor:
     return bias.view(GH, m, n).baddbmm_(qb, kb.transpose(1, 2))
 
 
+def _masked_bias(dtype: torch.dtype) -> float:
+    """The bias of a disallowed score: half the dtype's lowest finite value, so that
+    S = bias + <q, k> stays finite, SiLU(S) = S / (1 + exp(-S)) is exactly -0 and so is
+    SiLU'(S) * dA."""
+    return torch.finfo(dtype).min / 2
+
+
 class _GroupedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, table, plan: AttentionPlan):
         T, H, _ = q.shape
         out = v.new_empty(T, H, v.shape[-1])  # every token belongs to exactly one group
-        tab = table.to(q.dtype) if table is not None else None
+        tab = None
+        if table is not None:  # plus the masking entry (`_mask_index_`)
+            masked = table.new_full((1,), _masked_bias(q.dtype), dtype=q.dtype)
+            tab = torch.cat([table.to(q.dtype), masked])
         kept = []
         for g in plan.groups:
             qg, kg, vg = _gather(q, g), _gather(k, g), _gather(v, g)
@@ -317,7 +357,7 @@ class _GroupedAttention(torch.autograd.Function):
         plan, H = ctx.plan, q.shape[1]
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         want_table = ctx.has_table and ctx.needs_input_grad[3]
-        dtable = q.new_zeros(table.numel(), dtype=torch.float32) if want_table else None
+        dtable = q.new_zeros(table.numel() + 1, dtype=torch.float32) if want_table else None
         dout = dout.contiguous()
         kept = iter(range(len(ctx.scores)))
         for g in plan.groups:
@@ -351,7 +391,7 @@ class _GroupedAttention(torch.autograd.Function):
                 _finish_(full, part, g)
         ctx.scores = ctx.plan = None  # the plan (index, scratch) goes with the last layer's
         if dtable is not None:
-            dtable = dtable.to(table.dtype)
+            dtable = dtable[:-1].to(table.dtype)  # the masking entry takes no gradient
         return dq, dk, dv, dtable, None
 
 

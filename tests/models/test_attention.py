@@ -219,6 +219,7 @@ def test_grouped_backend_matches_reference_outputs_and_all_grads(
     import genrec.models.attention_grouped as grouped
 
     monkeypatch.setattr(grouped, "ROW_BLOCK_MIN_L", block_min)
+    monkeypatch.setattr(grouped, "ROW_BLOCK_MAX_THREADS", 1 << 10)
     lengths = [5, 0, 1, 23, 9, 33, 2, 17, 30, 64, 3, 48, 47]
     q, k, v, offsets, ts, pb, tb, nt = random_batch(lengths, seed=7, with_targets=with_targets)
     pb = pb if biases in ("both", "pos") else None
@@ -247,6 +248,7 @@ def test_grouped_dense_groups_match_reference(with_targets, monkeypatch):
 
     monkeypatch.setattr(jagged, "GROUP_SCORE_ELEMS", 3 * H * 24 * 24)  # chunks of 3 rows
     monkeypatch.setattr(grouped, "ROW_BLOCK_MIN_L", 13)  # 2 row blocks: 12 x 12, 12 x 24
+    monkeypatch.setattr(grouped, "ROW_BLOCK_MAX_THREADS", 1 << 10)
     for gap in (40, 3 * 10**9):
         q, k, v, offsets, _, pb, tb, nt = random_batch([24] * 7, seed=11, with_targets=True)
         nt = nt if with_targets else None
