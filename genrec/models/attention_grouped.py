@@ -38,7 +38,7 @@ import torch
 
 from genrec.models.jagged import length_groups, lengths_from_offsets, padded_rows
 
-_PLAN_SLICE_ELEMS = 1 << 22  # (i, j) pairs whose time gaps are built at once
+_PLAN_SLICE_ELEMS = 1 << 23  # (i, j) pairs whose time gaps are built at once
 ROW_BLOCK_MIN_L = 96  # groups this long are split in row blocks (`row_blocks`) ...
 ROW_BLOCK_MAX_THREADS = 1  # ... when torch runs at most this many intra-op threads
 
