@@ -42,17 +42,18 @@ def attention_norm(cfg: ModelConfig) -> str | float:
 class _Recomputed:
     """Saved-tensor hooks for one layer's forward: a tensor registered with `register(t, fn)`
     is not kept for the backward when autograd saves it (or a view of it); its geometry is,
-    and fn(shape, stride, offset) rebuilds that view from inputs that are kept anyway. The
-    layer registers uvqk = SiLU(pre) (Q, K, V saved by the attention, U by the gate: rebuilt
-    as SiLU of the same view of pre, which SiLU's own backward keeps) and its two LayerNorm
-    outputs (saved by W1 and by the gate: rebuilt from the LayerNorms' inputs). Between
-    forward and backward a layer then holds pre instead of pre + uvqk + two [T, D] blocks;
-    the recomputations are elementwise / LayerNorm passes with the same values. Registered
-    tensors stay referenced while the hooks are active, so no other tensor can take their
-    address and be mistaken for them."""
+    and the view is rebuilt from fn(), the whole tensor recomputed from inputs that are kept
+    anyway. The layer registers uvqk = SiLU(pre) (Q, K, V saved by the attention, U by the
+    gate: rebuilt as SiLU(pre), the forward's own pass, from pre, which SiLU's backward
+    keeps) and its two LayerNorm outputs (saved by W1 and by the gate: rebuilt from the
+    LayerNorms' inputs). Between forward and backward a layer then holds pre instead of
+    pre + uvqk + two [T, D] blocks; the recomputations are the forward's elementwise /
+    LayerNorm passes, so the values are bitwise the same. Registered tensors stay referenced
+    while the hooks are active, so no other tensor can take their address and be mistaken
+    for them."""
 
     def __init__(self) -> None:
-        self.fns: dict[int, object] = {}
+        self.fns: dict[int, _Rebuilt] = {}
         self.alive: list[torch.Tensor] = []
 
     @contextlib.contextmanager
@@ -64,23 +65,43 @@ class _Recomputed:
                 self.fns, self.alive = {}, []
 
     def register(self, t: torch.Tensor, fn) -> torch.Tensor:
-        self.fns[t.untyped_storage().data_ptr()] = fn
+        self.fns[t.untyped_storage().data_ptr()] = _Rebuilt(fn)
         self.alive.append(t)
         return t
 
     def _pack(self, t: torch.Tensor):
-        fn = self.fns.get(t.untyped_storage().data_ptr())
-        if fn is None:
+        rebuilt = self.fns.get(t.untyped_storage().data_ptr())
+        if rebuilt is None:
             return t
-        return (fn, t.shape, t.stride(), t.storage_offset())
+        rebuilt.pending += 1
+        return (rebuilt, t.shape, t.stride(), t.storage_offset())
 
     @staticmethod
     def _unpack(saved):
         if isinstance(saved, torch.Tensor):
             return saved
-        fn, *geometry = saved
+        rebuilt, *geometry = saved
         with torch.no_grad():
-            return fn(*geometry)
+            return rebuilt.view(*geometry)
+
+
+class _Rebuilt:
+    """One registered tensor in the backward: fn() runs at the first unpack of any of its
+    saved views (U, V, Q, K: one SiLU pass over pre instead of one per piece) and is shared
+    by the views unpacked after it; the cache is dropped with the last pending one (a second
+    backward through a retained graph recomputes)."""
+
+    def __init__(self, fn) -> None:
+        self.fn, self.value, self.pending = fn, None, 0
+
+    def view(self, shape, stride, offset) -> torch.Tensor:
+        if self.value is None:
+            self.value = self.fn()
+        out = self.value.as_strided(shape, stride, offset)
+        self.pending -= 1
+        if self.pending <= 0:
+            self.value = None
+        return out
 
 
 class _SiLUSplit(torch.autograd.Function):
@@ -124,10 +145,10 @@ class HSTULayer(nn.Module):
         if rec is None:
             u, v, q, k = torch.split(F.silu(self.w1(normed)), sizes, dim=-1)
         else:
-            rec.register(normed, lambda *geo, x=x: self.norm_in(x).as_strided(*geo))
+            rec.register(normed, lambda x=x: self.norm_in(x))
             pre = self.w1(normed)
             u, v, q, k = _SiLUSplit.apply(pre, sizes)
-            rec.register(u, lambda *geo, pre=pre: F.silu(pre.as_strided(*geo)))
+            rec.register(u, lambda pre=pre: F.silu(pre))
         v = v.reshape(*lead, self.num_heads, self.dv)
         q = q.reshape(*lead, self.num_heads, self.dqk)
         k = k.reshape(*lead, self.num_heads, self.dqk)
@@ -137,7 +158,7 @@ class HSTULayer(nn.Module):
         av = self.attn_dropout(av.reshape(*x.shape[:-1], -1))
         normed = self.norm_attn(av)
         if rec is not None:
-            rec.register(normed, lambda *geo, av=av: self.norm_attn(av).as_strided(*geo))
+            rec.register(normed, lambda av=av: self.norm_attn(av))
         return x + self.w2(self.dropout(normed * u))
 
     def forward(

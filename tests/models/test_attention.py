@@ -209,9 +209,17 @@ def test_length_groups_do_not_pad_short_sequences_to_the_longest():
         (False, "none", 7.0),
     ],
 )
-def test_grouped_backend_matches_reference_outputs_and_all_grads(with_targets, biases, norm):
+@pytest.mark.parametrize("block_min", [96, 8])
+def test_grouped_backend_matches_reference_outputs_and_all_grads(
+    with_targets, biases, norm, block_min, monkeypatch
+):
     """The fast path (hand-written backward, one shared plan) against autograd through the
-    padded reference: outputs and the gradients of q, k, v and both bias tables."""
+    padded reference: outputs and the gradients of q, k, v and both bias tables; with groups
+    split in 2 row blocks from 8 tokens and from the default length."""
+    import genrec.models.attention_grouped as grouped
+
+    monkeypatch.setattr(grouped, "ROW_BLOCK_MIN_L", block_min)
+    monkeypatch.setattr(grouped, "ROW_BLOCK_MAX_THREADS", 1 << 10)
     lengths = [5, 0, 1, 23, 9, 33, 2, 17, 30, 64, 3, 48, 47]
     q, k, v, offsets, ts, pb, tb, nt = random_batch(lengths, seed=7, with_targets=with_targets)
     pb = pb if biases in ("both", "pos") else None
@@ -235,9 +243,12 @@ def test_grouped_dense_groups_match_reference(with_targets, monkeypatch):
     """Full rows (every group dense: Q/K/V read as views, results written in place), chunked
     into several dense groups, with gaps past 2^31 s in one batch (the plan's int64 gaps) and
     under it in another (int32 gaps): outputs and all gradients against the reference."""
+    import genrec.models.attention_grouped as grouped
     import genrec.models.jagged as jagged
 
     monkeypatch.setattr(jagged, "GROUP_SCORE_ELEMS", 3 * H * 24 * 24)  # chunks of 3 rows
+    monkeypatch.setattr(grouped, "ROW_BLOCK_MIN_L", 13)  # 2 row blocks: 12 x 12, 12 x 24
+    monkeypatch.setattr(grouped, "ROW_BLOCK_MAX_THREADS", 1 << 10)
     for gap in (40, 3 * 10**9):
         q, k, v, offsets, _, pb, tb, nt = random_batch([24] * 7, seed=11, with_targets=True)
         nt = nt if with_targets else None
@@ -245,6 +256,7 @@ def test_grouped_dense_groups_match_reference(with_targets, monkeypatch):
         plan = attention_plan(offsets, 24, H, ts, pb, tb, nt, "length")
         assert [g.G for g in plan.groups] == [3, 3, 1]
         assert [g.start for g in plan.groups] == [0, 72, 144]  # dense: contiguous rows
+        assert all(g.blocks == [(0, 12), (12, 24)] for g in plan.groups)
         kw = dict(timestamps=ts, pos_bias=pb, time_bias=tb, num_targets=nt)
         want = hstu_attention(q, k, v, offsets, 24, backend="reference", **kw)
         got = hstu_attention(q, k, v, offsets, 24, plan=plan, **kw)
@@ -293,6 +305,41 @@ def test_encoder_jagged_matches_padded_outputs_and_grads():
     names = ["x"] + [n for n, _ in enc.named_parameters()]
     for name, a, b in zip(names, g_got, g_want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_encoder_recompute_hooks_are_bitwise_plain_autograd(monkeypatch):
+    """The saved-tensor hooks (U, V, Q, K and both LayerNorm outputs rebuilt in the backward)
+    change what is kept, not the numbers: every gradient is bitwise the one autograd gives
+    when it keeps those tensors (full rows of 40 tokens, so Q/K/V are strided views of a
+    wide W1 output, as in training)."""
+    import genrec.models.hstu as hstu
+    from genrec.config import ModelConfig
+
+    torch.manual_seed(5)
+    cfg = ModelConfig(
+        dim=24,
+        num_layers=2,
+        num_heads=1,
+        attn_dim=24,
+        linear_dim=24,
+        dropout=0.0,
+        max_len=40,
+        num_time_buckets=NB,
+    )
+    enc = hstu.HSTUEncoder(cfg).train()
+    offsets = torch.arange(0, 6 * 40 + 1, 40)
+    x0, w = torch.randn(240, 24), torch.randn(240, 24)
+    ts = torch.cumsum(torch.randint(0, 9000, (240,)), 0)
+
+    def grads():
+        x = x0.clone().requires_grad_()
+        return torch.autograd.grad((enc(x, offsets, 40, ts) * w).sum(), [x, *enc.parameters()])
+
+    got = grads()
+    monkeypatch.setattr(hstu._Recomputed, "register", lambda self, t, fn: t)  # keep all
+    want = grads()
+    for name, a, b in zip(["x"] + [n for n, _ in enc.named_parameters()], got, want):
+        assert torch.equal(a, b), name
 
 
 def test_grouped_plan_is_shared_and_checked():
