@@ -153,9 +153,11 @@ def _check_case(rank: int, world: int, strategy: str, overrides: dict[str, str])
     ref = SparseEmbeddings(cfg.embeddings, vocabularies=vocabs)  # unsharded: one plain EC
     full = {name: ref.table_weight(name).detach().clone() for name in TABLES}
     meta = torch.device("meta")
-    plan = build_plan(cfg, _WithLoss(SparseEmbeddings.from_config(cfg, meta)), world, "cpu")
+    plan = build_plan(
+        cfg, _WithLoss(SparseEmbeddings.from_config(cfg, meta, vocabularies=vocabs)), world, "cpu"
+    )
     dmp = DistributedModelParallel(
-        _WithLoss(SparseEmbeddings.from_config(cfg, meta)),
+        _WithLoss(SparseEmbeddings.from_config(cfg, meta, vocabularies=vocabs)),
         device=torch.device("cpu"),
         plan=plan,
         sharders=sharders(cfg),
