@@ -16,8 +16,8 @@ goes to stderr. The data directory is a flag (or GENREC_DATA_DIR), never a path 
 the codes, once for all seeds (seed 0), into the prepared directory: an HSTU run (the
 dataset's HSTU config, `--collab-epochs`, default the README rows' recipe: Toys 16, Sports
 15 epochs; codes from a 3-epoch run scored a quarter lower), its export, and `genrec
-tokenize` of its item
-table (`--sid-vectors collab`; `attributes` / `both` use or add the item attributes). Its
+tokenize` of its item table (`--sid-vectors collab`; `attributes` / `both` use or add the
+item attributes). Its
 row (and any model's with `--cold-start`) adds the metrics of the test users whose target
 item never occurs as a training target (`cold`: the best checkpoint scored on them alone)
 and the scoring time per user of that evaluation (`ms_per_user`: encoder + top-k or beam
